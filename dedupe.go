@@ -1,0 +1,428 @@
+package kaylewebhook
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"net/http"
+	"path"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+const (
+	// sweepInterval is how often, at most, one instance of a cluster deletes
+	// expired records.
+	sweepInterval = time.Hour
+	// storageTimeout bounds storage calls made after the request may be gone
+	// (writing the record, releasing locks).
+	storageTimeout = 30 * time.Second
+	// sweepLockWait is how long an instance waits for the sweep lock before
+	// assuming another instance is sweeping.
+	sweepLockWait = 5 * time.Second
+	recordVersion = 1
+)
+
+// deduper forwards each event once across every Caddy instance sharing its
+// storage. Per event it takes an in-process claim (so same-instance copies
+// never pay the storage lock's poll), then the storage lock (so copies on
+// other instances wait), then looks for the "delivered" record. The record is
+// written only after the backend answered 2xx, so a failed forward is retried
+// by Kayle and forwarded again. The storage lock can be lost in rare cases
+// (a holder stalled past the stale-lock timeout); the cost is then at most one
+// duplicate forward, never a lost event.
+type deduper struct {
+	storage certmagic.Storage
+	prefix  string
+	window  time.Duration
+	logger  *zap.Logger
+	now     func() time.Time
+
+	mu   sync.Mutex
+	held map[string]int // storage locks held now, by name, for Cleanup
+}
+
+// record is what the storage keeps per delivered event: no plaintext, and
+// not even the event id, only its hash.
+type record struct {
+	Version     int       `json:"v"`
+	EventSHA256 string    `json:"event_sha256"`
+	DeliveredAt time.Time `json:"delivered_at"`
+	Status      int       `json:"status"`
+}
+
+func newDeduper(storage certmagic.Storage, prefix string, window time.Duration, logger *zap.Logger, now func() time.Time) *deduper {
+	return &deduper{
+		storage: storage,
+		prefix:  prefix,
+		window:  window,
+		logger:  logger,
+		now:     now,
+		held:    make(map[string]int),
+	}
+}
+
+// cleanPrefix normalizes a storage prefix and refuses one that could climb
+// out of the storage root.
+func cleanPrefix(prefix string) (string, error) {
+	cleaned := path.Clean("/" + prefix)[1:]
+	if cleaned == "" || cleaned == "." {
+		return "", errors.New("dedupe_prefix must name a folder below the storage root")
+	}
+	for _, part := range splitPath(prefix) {
+		if part == ".." {
+			return "", fmt.Errorf("dedupe_prefix %q must not contain '..'", prefix)
+		}
+	}
+	return cleaned, nil
+}
+
+func splitPath(p string) []string {
+	var parts []string
+	start := 0
+	for i := 0; i <= len(p); i++ {
+		if i == len(p) || p[i] == '/' || p[i] == '\\' {
+			parts = append(parts, p[start:i])
+			start = i + 1
+		}
+	}
+	return parts
+}
+
+// eventKeys derives the record key and lock name from a hash of the event id,
+// so no id can leave the prefix, and two ids never share a lock through
+// certmagic's Safe() folding of case and punctuation.
+func (d *deduper) eventKeys(eventID string) (eventHash, recordKey, lockName string) {
+	sum := sha256.Sum256([]byte(eventID))
+	eventHash = hex.EncodeToString(sum[:])
+	recordKey = path.Join(d.prefix, eventHash[:2], eventHash)
+	lockSum := sha256.Sum256([]byte(recordKey))
+	lockName = "kayle_webhook_event_" + hex.EncodeToString(lockSum[:16])
+	return eventHash, recordKey, lockName
+}
+
+// deliverOnce forwards the rewritten request to next unless the event was
+// delivered already, and remembers it when the backend answers 2xx.
+func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, eventID string) error {
+	eventHash, recordKey, lockName := d.eventKeys(eventID)
+	ctx := r.Context()
+
+	releaseClaim, err := inProcessClaims.acquire(ctx, recordKey)
+	if err != nil {
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("waiting for another copy of event %s: %w", eventID, err))
+	}
+	defer releaseClaim()
+
+	if err := d.lock(ctx, lockName); err != nil {
+		d.logger.Error("dedupe storage lock failed; answering 503 so Kayle retries",
+			zap.String("event_id", eventID), zap.Error(err))
+		countRequest("storage_unavailable")
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("locking event %s in dedupe storage: %w", eventID, err))
+	}
+	defer d.unlock(lockName)
+
+	delivered, err := d.delivered(ctx, recordKey, eventID)
+	if err != nil {
+		d.logger.Error("dedupe storage unreadable; answering 503 so Kayle retries",
+			zap.String("event_id", eventID), zap.Error(err))
+		countRequest("storage_unavailable")
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("reading dedupe record of event %s: %w", eventID, err))
+	}
+	if delivered {
+		return d.answerDuplicate(w, r, eventID)
+	}
+
+	countRequest("forwarded")
+	rec := caddyhttp.NewResponseRecorder(w, nil, nil) // streams; only observes the status
+	nextErr := next.ServeHTTP(rec, r)
+	status := forwardStatus(rec.Status(), nextErr)
+	if status < 200 || status > 299 {
+		d.logger.Info("backend did not accept the event; not remembered, Kayle will retry",
+			zap.String("event_id", eventID), zap.Int("status", status))
+		return nextErr
+	}
+	if err := d.commit(ctx, recordKey, eventHash, status); err != nil {
+		// the backend has the event; a later copy may be forwarded again
+		d.logger.Error("event delivered but its dedupe record could not be written; a retry of it would be forwarded again",
+			zap.String("event_id", eventID), zap.Error(err))
+		countRecordWriteFailure()
+	}
+	return nextErr
+}
+
+// forwardStatus is the status the next handler answered with. A handler that
+// returned an error wrote nothing: the status is in the error.
+func forwardStatus(recorded int, err error) int {
+	if err != nil {
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
+			return he.StatusCode
+		}
+		return http.StatusInternalServerError
+	}
+	if recorded == 0 {
+		return http.StatusOK // nothing written: net/http sends 200
+	}
+	return recorded
+}
+
+func (d *deduper) answerDuplicate(w http.ResponseWriter, r *http.Request, eventID string) error {
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	repl.Set("http.kayle.duplicate", true)
+	countRequest("duplicate")
+	d.logger.Debug("duplicate delivery acknowledged, not forwarded", zap.String("event_id", eventID))
+	body, err := json.Marshal(struct {
+		Status  string `json:"status"`
+		EventID string `json:"event_id"`
+	}{"duplicate", eventID})
+	if err != nil {
+		return caddyhttp.Error(http.StatusInternalServerError, err)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
+	w.Header().Set(HeaderDuplicate, "true")
+	w.Header().Set(HeaderEventID, eventID)
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(append(body, '\n'))
+	return nil
+}
+
+// delivered reports whether a fresh "delivered" record exists. A record that
+// cannot be parsed counts as absent: forwarding again is safer than refusing
+// the event until Kayle gives up.
+func (d *deduper) delivered(ctx context.Context, recordKey, eventID string) (bool, error) {
+	data, err := d.storage.Load(ctx, recordKey)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	var rec record
+	if err := json.Unmarshal(data, &rec); err != nil || rec.DeliveredAt.IsZero() {
+		d.logger.Warn("ignoring an unreadable dedupe record", zap.String("event_id", eventID), zap.String("key", recordKey))
+		return false, nil
+	}
+	return d.now().Sub(rec.DeliveredAt) <= d.window, nil
+}
+
+func (d *deduper) commit(ctx context.Context, recordKey, eventHash string, status int) error {
+	data, err := json.Marshal(record{
+		Version:     recordVersion,
+		EventSHA256: eventHash,
+		DeliveredAt: d.now().UTC(),
+		Status:      status,
+	})
+	if err != nil {
+		return err
+	}
+	// the request may be gone by now; the record must still be written
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+	defer cancel()
+	return d.storage.Store(ctx, recordKey, data)
+}
+
+func (d *deduper) lock(ctx context.Context, name string) error {
+	if err := d.storage.Lock(ctx, name); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.held[name]++
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *deduper) unlock(name string) {
+	d.mu.Lock()
+	if d.held[name]--; d.held[name] <= 0 {
+		delete(d.held, name)
+	}
+	d.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), storageTimeout)
+	defer cancel()
+	if err := d.storage.Unlock(ctx, name); err != nil {
+		d.logger.Error("releasing a dedupe storage lock", zap.String("lock", name), zap.Error(err))
+	}
+}
+
+// releaseAll releases every storage lock still held, for Cleanup: Caddy only
+// releases certmagic's own locks on shutdown.
+func (d *deduper) releaseAll() {
+	d.mu.Lock()
+	names := make([]string, 0, len(d.held))
+	for name := range d.held {
+		names = append(names, name)
+	}
+	d.held = make(map[string]int)
+	d.mu.Unlock()
+	for _, name := range names {
+		ctx, cancel := context.WithTimeout(context.Background(), storageTimeout)
+		_ = d.storage.Unlock(ctx, name)
+		cancel()
+	}
+}
+
+// startSweeper deletes expired records in the background until ctx ends.
+func (d *deduper) startSweeper(ctx context.Context) {
+	go func() {
+		// a random first delay spreads the instances of a cluster
+		timer := time.NewTimer(time.Minute + rand.N(4*time.Minute))
+		defer timer.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-timer.C:
+				if err := d.sweep(ctx); err != nil && ctx.Err() == nil {
+					d.logger.Warn("sweeping expired dedupe records", zap.Error(err))
+				}
+				timer.Reset(sweepInterval)
+			}
+		}
+	}()
+}
+
+// sweep deletes the records older than the window. One instance of a cluster
+// sweeps at a time (a storage lock), and at most once per sweepInterval (a
+// marker record). A record re-written between our read and our delete is
+// lost; the cost is one duplicate forward of an event older than the window.
+func (d *deduper) sweep(ctx context.Context) error {
+	lockName := "kayle_webhook_sweep_" + hashHex(d.prefix)[:32]
+	lockCtx, cancel := context.WithTimeout(ctx, sweepLockWait)
+	err := d.lock(lockCtx, lockName)
+	cancel()
+	if err != nil {
+		return nil // another instance holds it and is sweeping
+	}
+	defer d.unlock(lockName)
+
+	markerKey := path.Join(d.prefix, "last_sweep")
+	if data, err := d.storage.Load(ctx, markerKey); err == nil {
+		if last, err := time.Parse(time.RFC3339Nano, string(data)); err == nil && d.now().Sub(last) < sweepInterval {
+			return nil
+		}
+	}
+	keys, err := d.storage.List(ctx, d.prefix, true)
+	if errors.Is(err, fs.ErrNotExist) {
+		keys, err = nil, nil
+	}
+	if err != nil {
+		return err
+	}
+	cutoff := d.now().Add(-d.window)
+	deleted := 0
+	for _, key := range keys {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if key == markerKey {
+			continue
+		}
+		expired, err := d.expired(ctx, key, cutoff)
+		if err != nil || !expired {
+			continue
+		}
+		if err := d.storage.Delete(ctx, key); err != nil {
+			d.logger.Warn("deleting an expired dedupe record", zap.String("key", key), zap.Error(err))
+			continue
+		}
+		deleted++
+	}
+	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", len(keys)))
+	return d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
+}
+
+// expired reports whether key is a file (never a folder: deleting a folder
+// key deletes its contents) older than cutoff. A record's own time decides;
+// anything else under the prefix (a temp file a crash left) goes by its
+// modification time.
+func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bool, error) {
+	info, err := d.storage.Stat(ctx, key)
+	if err != nil || !info.IsTerminal {
+		return false, err
+	}
+	if isRecordName(path.Base(key)) {
+		data, err := d.storage.Load(ctx, key)
+		if err != nil {
+			return false, err
+		}
+		var rec record
+		if json.Unmarshal(data, &rec) == nil && !rec.DeliveredAt.IsZero() {
+			return rec.DeliveredAt.Before(cutoff), nil
+		}
+	}
+	return !info.Modified.IsZero() && info.Modified.Before(cutoff), nil
+}
+
+func isRecordName(name string) bool {
+	if len(name) != 2*sha256.Size {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func hashHex(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
+}
+
+// inProcessClaims serializes copies of one event inside this process. It is
+// package-level so that handlers of the old and the new config share it
+// during a reload.
+var inProcessClaims = &keyedMutex{entries: make(map[string]*keyedEntry)}
+
+type keyedMutex struct {
+	mu      sync.Mutex
+	entries map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	token chan struct{} // holds one value while the key is claimed
+	refs  int
+}
+
+// acquire waits until key is free or ctx ends; release must be called once.
+func (k *keyedMutex) acquire(ctx context.Context, key string) (release func(), err error) {
+	k.mu.Lock()
+	e := k.entries[key]
+	if e == nil {
+		e = &keyedEntry{token: make(chan struct{}, 1)}
+		k.entries[key] = e
+	}
+	e.refs++
+	k.mu.Unlock()
+
+	select {
+	case e.token <- struct{}{}:
+		return func() {
+			<-e.token
+			k.drop(key, e)
+		}, nil
+	case <-ctx.Done():
+		k.drop(key, e)
+		return nil, ctx.Err()
+	}
+}
+
+func (k *keyedMutex) drop(key string, e *keyedEntry) {
+	k.mu.Lock()
+	if e.refs--; e.refs == 0 {
+		delete(k.entries, key)
+	}
+	k.mu.Unlock()
+}

@@ -1,0 +1,142 @@
+package kaylewebhook
+
+import (
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/go-jose/go-jose/v4"
+)
+
+// minRSABits is the smallest key Kayle accepts for registration.
+const minRSABits = 2048
+
+// loadPrivateKeyFile reads one RSA private key: PEM (PKCS#8 or PKCS#1) or a
+// JWK. The kid in a JWK, if any, is returned so a mismatch can be refused.
+func loadPrivateKeyFile(path string) (key *rsa.PrivateKey, jwkKID string, err error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", err
+	}
+	if isJSON(data) {
+		var jwk jose.JSONWebKey
+		if err := json.Unmarshal(data, &jwk); err != nil {
+			return nil, "", fmt.Errorf("%s: not a valid JWK: %v", path, jsonErrorWithoutInput(err))
+		}
+		key, err := privateKeyFromJWK(jwk)
+		if err != nil {
+			return nil, "", fmt.Errorf("%s: %v", path, err)
+		}
+		return key, jwk.KeyID, nil
+	}
+	key, err = parsePrivateKeyPEM(data)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %v", path, err)
+	}
+	return key, "", nil
+}
+
+// loadJWKSFile reads a JWKS of RSA private keys; every key must carry a kid.
+func loadJWKSFile(path string) ([]decryptionKey, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var set jose.JSONWebKeySet
+	if err := json.Unmarshal(data, &set); err != nil {
+		return nil, fmt.Errorf("%s: not a valid JWKS: %v", path, jsonErrorWithoutInput(err))
+	}
+	if len(set.Keys) == 0 {
+		return nil, fmt.Errorf("%s: the JWKS holds no keys", path)
+	}
+	keys := make([]decryptionKey, 0, len(set.Keys))
+	for i, jwk := range set.Keys {
+		if jwk.KeyID == "" {
+			return nil, fmt.Errorf("%s: key #%d has no kid", path, i+1)
+		}
+		key, err := privateKeyFromJWK(jwk)
+		if err != nil {
+			return nil, fmt.Errorf("%s: key %q: %v", path, jwk.KeyID, err)
+		}
+		keys = append(keys, decryptionKey{kid: jwk.KeyID, key: key})
+	}
+	return keys, nil
+}
+
+func privateKeyFromJWK(jwk jose.JSONWebKey) (*rsa.PrivateKey, error) {
+	if jwk.Use != "" && jwk.Use != "enc" {
+		return nil, fmt.Errorf("key use is %q, not \"enc\"", jwk.Use)
+	}
+	if jwk.Algorithm != "" && jwk.Algorithm != string(jose.RSA_OAEP_256) {
+		return nil, fmt.Errorf("key alg is %q, not %q", jwk.Algorithm, jose.RSA_OAEP_256)
+	}
+	switch k := jwk.Key.(type) {
+	case *rsa.PrivateKey:
+		return checkRSAKey(k)
+	case *rsa.PublicKey:
+		return nil, errors.New("this is a public key; the gateway needs the private key")
+	default:
+		return nil, fmt.Errorf("not an RSA key (%T)", jwk.Key)
+	}
+}
+
+func parsePrivateKeyPEM(data []byte) (*rsa.PrivateKey, error) {
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, errors.New("neither PEM nor JSON")
+	}
+	switch block.Type {
+	case "RSA PRIVATE KEY":
+		key, err := x509.ParsePKCS1PrivateKey(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("bad PKCS#1 key: %v", err)
+		}
+		return checkRSAKey(key)
+	case "PRIVATE KEY":
+		parsed, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("bad PKCS#8 key: %v", err)
+		}
+		key, ok := parsed.(*rsa.PrivateKey)
+		if !ok {
+			return nil, fmt.Errorf("not an RSA key (%T)", parsed)
+		}
+		return checkRSAKey(key)
+	case "PUBLIC KEY", "RSA PUBLIC KEY":
+		return nil, errors.New("this is a public key; the gateway needs the private key")
+	case "ENCRYPTED PRIVATE KEY":
+		return nil, errors.New("encrypted PEM keys are not supported; decrypt it with openssl first")
+	default:
+		return nil, fmt.Errorf("PEM block %q is not a private key", block.Type)
+	}
+}
+
+func checkRSAKey(key *rsa.PrivateKey) (*rsa.PrivateKey, error) {
+	if bits := key.N.BitLen(); bits < minRSABits {
+		return nil, fmt.Errorf("RSA key is %d bits; at least %d are required", bits, minRSABits)
+	}
+	if err := key.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid RSA key: %v", err)
+	}
+	key.Precompute()
+	return key, nil
+}
+
+func isJSON(data []byte) bool {
+	return strings.HasPrefix(strings.TrimSpace(string(data)), "{")
+}
+
+// jsonErrorWithoutInput keeps key material out of error messages: a JSON
+// syntax error quotes the offending character, so only its offset is kept.
+func jsonErrorWithoutInput(err error) error {
+	var syntax *json.SyntaxError
+	if errors.As(err, &syntax) {
+		return fmt.Errorf("JSON syntax error at byte %d", syntax.Offset)
+	}
+	return errors.New("JSON does not describe a key")
+}

@@ -1,0 +1,472 @@
+// Package kaylewebhook is a Caddy HTTP handler that receives Kayle ID webhooks:
+// it verifies the signature, decrypts the JWE, forwards each event once
+// (deduplicated through Caddy's storage) and hands the next handler a plain
+// JSON request with trusted X-Kayle-* headers.
+package kaylewebhook
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
+	"github.com/dustin/go-humanize"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+	httpcaddyfile.RegisterHandlerDirective("kayle_webhook", parseCaddyfile)
+	// runs after timeouts (which puts a read deadline on the body) and before
+	// reverse_proxy, so no `order` line is needed
+	httpcaddyfile.RegisterDirectiveOrder("kayle_webhook", httpcaddyfile.After, "timeouts")
+}
+
+// Defaults, documented on the fields that use them.
+const (
+	defaultTolerance    = 5 * time.Minute
+	defaultMaxBodySize  = 4 << 20
+	defaultDedupeWindow = 14 * 24 * time.Hour
+	// minDedupeWindow covers Kayle's 32.5 h of retries plus 168 h of replay.
+	minDedupeWindow     = 8 * 24 * time.Hour
+	defaultDedupePrefix = "kayle_webhook/events"
+	minSecretLen        = 16
+)
+
+// Handler receives Kayle ID webhook deliveries. For each POST it verifies
+// X-Kayle-Signature over the raw body, decrypts the JWE body with the private
+// key its kid names, drops deliveries of events already forwarded, and calls
+// the next handler with the decrypted JSON as the body and X-Kayle-* headers
+// taken from the decrypted payload.
+//
+// It answers itself only when it must not forward: 400 for a bad or stale
+// signature, 405 for a method other than POST, 413 for a body over
+// max_body_size, 422 for a signed body that cannot be used, 500 for a kid the
+// gateway holds no key for, 503 when the dedupe storage fails, and 200 with
+// X-Kayle-Duplicate: true for an event already delivered.
+type Handler struct {
+	// Secrets the signature may be made with; a v1 made with any of them is
+	// accepted, so list the old and the new one during a rotation. Each may be
+	// or contain a placeholder such as {env.KAYLE_SIGNING_SECRET} or
+	// {file./run/secrets/kayle}, resolved once at provisioning; a secret that
+	// resolves to fewer than 16 bytes is refused. Required.
+	SigningSecrets []string `json:"signing_secrets,omitempty"`
+
+	// Private keys by kid, each read from a PEM (PKCS#8 or PKCS#1) or JWK
+	// file. RSA, 2048 bits or more. List old keys too: retries and replays of
+	// older deliveries stay encrypted to the key that was active then.
+	DecryptionKeys []KeyFile `json:"decryption_keys,omitempty"`
+
+	// Files holding a JWKS of RSA private keys, each with its kid. Together
+	// with decryption_keys at least one key is required; no kid may repeat.
+	DecryptionJWKS []string `json:"decryption_jwks,omitempty"`
+
+	// How far the signature's t may be from this machine's clock, in either
+	// direction. Default: 5m.
+	Tolerance caddy.Duration `json:"tolerance,omitempty"`
+
+	// The largest body accepted, in bytes; a larger one gets 413 and is not
+	// read further. Default: 4 MiB.
+	MaxBodySize int64 `json:"max_body_size,omitempty"`
+
+	// Forward every verified copy, remembering nothing: for backends that are
+	// idempotent on X-Kayle-Event-Id themselves. Default: false (deduplicate).
+	DedupeDisabled bool `json:"dedupe_disabled,omitempty"`
+
+	// How long an event that was delivered is remembered. At least 8 days
+	// (Kayle's retry and replay horizon). Default: 14d.
+	DedupeWindow caddy.Duration `json:"dedupe_window,omitempty"`
+
+	// The storage key prefix for dedupe records. Give each Kayle endpoint
+	// its own prefix when several share one storage: Kayle sends the same
+	// event id to every subscribed endpoint. Default: kayle_webhook/events.
+	DedupePrefix string `json:"dedupe_prefix,omitempty"`
+
+	// The storage module for dedupe records. Instances that share it
+	// forward each event once between them. Default: Caddy's global storage.
+	StorageRaw json.RawMessage `json:"storage,omitempty" caddy:"namespace=caddy.storage inline_key=module"`
+
+	secrets   [][]byte
+	keys      keyRing
+	tolerance time.Duration
+	dedupe    *deduper
+	logger    *zap.Logger
+	now       func() time.Time
+}
+
+// KeyFile names a private key file and the kid Kayle knows it by.
+type KeyFile struct {
+	// The key_id the public half was registered with at Kayle.
+	KeyID string `json:"kid"`
+	// Path to a PEM (PKCS#8 or PKCS#1) or JWK private key. Placeholders
+	// such as {env.*} are resolved at provisioning.
+	File string `json:"file"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.kayle_webhook",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision resolves secrets, loads the keys and opens the dedupe storage.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.now == nil {
+		h.now = time.Now
+	}
+	h.tolerance = time.Duration(h.Tolerance)
+	if h.tolerance == 0 {
+		h.tolerance = defaultTolerance
+	}
+	if h.MaxBodySize == 0 {
+		h.MaxBodySize = defaultMaxBodySize
+	}
+	repl := caddy.NewReplacer()
+	if err := h.provisionSecrets(repl); err != nil {
+		return err
+	}
+	if err := h.provisionKeys(repl); err != nil {
+		return err
+	}
+	registerMetrics(ctx.GetMetricsRegistry())
+	if h.DedupeDisabled {
+		return nil
+	}
+	return h.provisionDedupe(ctx)
+}
+
+func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
+	h.secrets = h.secrets[:0]
+	for i, raw := range h.SigningSecrets {
+		// errors name the placeholder at most, never the value
+		secret, err := repl.ReplaceOrErr(raw, true, true)
+		if err != nil {
+			return fmt.Errorf("signing secret #%d: %v", i+1, err)
+		}
+		if len(secret) < minSecretLen {
+			return fmt.Errorf("signing secret #%d is %d bytes after placeholders; at least %d are required (Kayle's are whsec_ and 32 more)", i+1, len(secret), minSecretLen)
+		}
+		h.secrets = append(h.secrets, []byte(secret))
+	}
+	if len(h.secrets) == 0 {
+		return errors.New("no signing_secret configured")
+	}
+	return nil
+}
+
+func (h *Handler) provisionKeys(repl *caddy.Replacer) error {
+	h.keys = keyRing{}
+	for _, kf := range h.DecryptionKeys {
+		path, err := repl.ReplaceOrErr(kf.File, true, true)
+		if err != nil {
+			return fmt.Errorf("decryption key %q: %v", kf.KeyID, err)
+		}
+		key, fileKID, err := loadPrivateKeyFile(path)
+		if err != nil {
+			return fmt.Errorf("decryption key %q: %v", kf.KeyID, err)
+		}
+		if fileKID != "" && fileKID != kf.KeyID {
+			return fmt.Errorf("decryption key %q: the JWK in %s says kid %q", kf.KeyID, path, fileKID)
+		}
+		if err := h.keys.add(kf.KeyID, key); err != nil {
+			return err
+		}
+	}
+	for _, raw := range h.DecryptionJWKS {
+		path, err := repl.ReplaceOrErr(raw, true, true)
+		if err != nil {
+			return fmt.Errorf("decryption JWKS: %v", err)
+		}
+		keys, err := loadJWKSFile(path)
+		if err != nil {
+			return fmt.Errorf("decryption JWKS: %v", err)
+		}
+		for _, k := range keys {
+			if err := h.keys.add(k.kid, k.key); err != nil {
+				return err
+			}
+		}
+	}
+	if len(h.keys.keys) == 0 {
+		return errors.New("no decryption_key or decryption_keys configured")
+	}
+	return nil
+}
+
+func (h *Handler) provisionDedupe(ctx caddy.Context) error {
+	window := time.Duration(h.DedupeWindow)
+	if window == 0 {
+		window = defaultDedupeWindow
+	}
+	if window < minDedupeWindow {
+		return fmt.Errorf("dedupe_window %s is shorter than Kayle's retry and replay horizon; use at least 8d", window)
+	}
+	if h.DedupePrefix == "" {
+		h.DedupePrefix = defaultDedupePrefix
+	}
+	prefix, err := cleanPrefix(h.DedupePrefix)
+	if err != nil {
+		return err
+	}
+	var storage certmagic.Storage
+	if h.StorageRaw != nil {
+		mod, err := ctx.LoadModule(h, "StorageRaw")
+		if err != nil {
+			return fmt.Errorf("loading dedupe storage module: %v", err)
+		}
+		storage, err = mod.(caddy.StorageConverter).CertMagicStorage()
+		if err != nil {
+			return fmt.Errorf("opening dedupe storage: %v", err)
+		}
+	} else {
+		storage = ctx.Storage()
+	}
+	h.dedupe = newDeduper(storage, prefix, window, h.logger, h.now)
+	h.dedupe.startSweeper(ctx)
+	return nil
+}
+
+// Validate checks the configuration for values that can never work.
+func (h *Handler) Validate() error {
+	if h.MaxBodySize < 0 {
+		return errors.New("max_body_size must not be negative")
+	}
+	if h.tolerance < 0 {
+		return errors.New("tolerance must not be negative")
+	}
+	return nil
+}
+
+// Cleanup releases the storage locks this handler still holds.
+func (h *Handler) Cleanup() error {
+	if h.dedupe != nil {
+		h.dedupe.releaseAll()
+	}
+	return nil
+}
+
+// ServeHTTP verifies, decrypts and deduplicates one delivery, then passes the
+// plaintext request to next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	deliveryID := r.Header.Get(HeaderDeliveryID)
+	if !headerSafe(deliveryID) {
+		deliveryID = ""
+	}
+	repl.Set("http.kayle.delivery_id", deliveryID)
+
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return h.reject(http.StatusMethodNotAllowed, "method", fmt.Errorf("method %s is not POST", r.Method), deliveryID)
+	}
+	body, err := readBody(w, r, h.MaxBodySize)
+	if err != nil {
+		status := http.StatusBadRequest
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			status = http.StatusRequestEntityTooLarge
+		}
+		return h.reject(status, "body", err, deliveryID)
+	}
+
+	sig, err := verifySignature(r.Header.Get(SignatureHeader), body, h.secrets, h.now(), h.tolerance)
+	if err != nil {
+		return h.reject(http.StatusBadRequest, "signature", err, deliveryID)
+	}
+
+	plaintext, kid, err := h.keys.decrypt(body)
+	switch {
+	case errors.Is(err, errUnknownKeyID):
+		// Kayle signed it, so Kayle encrypted it to a key it knows: ours is missing
+		h.logger.Error("delivery encrypted to a key id with no configured private key; add its decryption_key (Kayle retries for ~32 h)",
+			zap.String("kid", kid), zap.String("delivery_id", deliveryID))
+		countRequest("unknown_kid")
+		return caddyhttp.Error(http.StatusInternalServerError, err)
+	case err != nil:
+		return h.reject(http.StatusUnprocessableEntity, "decrypt", err, deliveryID)
+	}
+
+	ev, err := parseEvent(plaintext)
+	if err != nil {
+		return h.reject(http.StatusUnprocessableEntity, "payload", err, deliveryID)
+	}
+
+	rewriteRequest(r, repl, plaintext, ev, kid, sig)
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+		extra.Add(zap.String("kayle_event_id", ev.ID))
+	}
+	h.logger.Debug("verified delivery",
+		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),
+		zap.String("kid", kid), zap.String("delivery_id", deliveryID))
+
+	if h.dedupe == nil {
+		countRequest("forwarded")
+		return next.ServeHTTP(w, r)
+	}
+	return h.dedupe.deliverOnce(w, r, next, ev.ID)
+}
+
+// reject logs why a delivery is refused (never with any of its content) and
+// returns the error Caddy answers with.
+func (h *Handler) reject(status int, reason string, err error, deliveryID string) error {
+	h.logger.Warn("rejected delivery",
+		zap.Int("status", status), zap.String("reason", reason),
+		zap.String("delivery_id", deliveryID), zap.Error(err))
+	countRequest("rejected_" + reason)
+	return caddyhttp.Error(status, err)
+}
+
+// readBody reads the whole body, at most limit bytes.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+	if r.Body == nil {
+		return nil, nil
+	}
+	if r.ContentLength > limit {
+		return nil, &http.MaxBytesError{Limit: limit}
+	}
+	body := http.MaxBytesReader(w, r.Body, limit)
+	defer body.Close()
+	if r.ContentLength > 0 {
+		// net/http stops the body at Content-Length, so one exact read suffices
+		buf := make([]byte, r.ContentLength)
+		if _, err := io.ReadFull(body, buf); err != nil {
+			return nil, err
+		}
+		return buf, nil
+	}
+	return io.ReadAll(body)
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	kayle_webhook {
+//		signing_secret <secret>          # repeatable; placeholders like {env.X}, {file.path}
+//		decryption_key <kid> <file>      # repeatable; PEM (PKCS#8, PKCS#1) or JWK
+//		decryption_keys <jwks-file>      # repeatable; a JWKS of private keys with kids
+//		tolerance <duration>             # default 5m
+//		max_body_size <size>             # default 4MiB
+//		dedupe_window <duration>         # default 14d, at least 8d
+//		dedupe_prefix <key-prefix>       # default kayle_webhook/events
+//		storage <module> { … }           # default: the global storage
+//		dedupe off                       # forward every verified copy
+//	}
+//
+// Error messages never repeat a signing_secret token.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "signing_secret":
+			if !d.NextArg() {
+				return d.Err("signing_secret needs one argument")
+			}
+			h.SigningSecrets = append(h.SigningSecrets, d.Val())
+			if d.NextArg() {
+				return d.Err("signing_secret takes exactly one argument (quote a secret that contains spaces)")
+			}
+		case "decryption_key":
+			var kid, file string
+			if !d.Args(&kid, &file) || d.NextArg() {
+				return d.Err("decryption_key takes two arguments: <kid> <file>")
+			}
+			h.DecryptionKeys = append(h.DecryptionKeys, KeyFile{KeyID: kid, File: file})
+		case "decryption_keys":
+			var file string
+			if !d.Args(&file) || d.NextArg() {
+				return d.Err("decryption_keys takes one argument: <jwks-file>")
+			}
+			h.DecryptionJWKS = append(h.DecryptionJWKS, file)
+		case "tolerance", "dedupe_window":
+			name := d.Val()
+			var value string
+			if !d.Args(&value) || d.NextArg() {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(value)
+			if err != nil {
+				return d.Errf("%s: %v", name, err)
+			}
+			if name == "tolerance" {
+				h.Tolerance = caddy.Duration(dur)
+			} else {
+				h.DedupeWindow = caddy.Duration(dur)
+			}
+		case "max_body_size":
+			var value string
+			if !d.Args(&value) || d.NextArg() {
+				return d.ArgErr()
+			}
+			size, err := humanize.ParseBytes(value)
+			if err != nil {
+				return d.Errf("max_body_size: %v", err)
+			}
+			if size == 0 || size > 1<<30 {
+				return d.Errf("max_body_size must be between 1 byte and 1GiB")
+			}
+			h.MaxBodySize = int64(size)
+		case "dedupe_prefix":
+			if !d.Args(&h.DedupePrefix) || d.NextArg() {
+				return d.ArgErr()
+			}
+		case "dedupe":
+			var value string
+			if !d.Args(&value) || d.NextArg() {
+				return d.ArgErr()
+			}
+			switch value {
+			case "off":
+				h.DedupeDisabled = true
+			case "on":
+				h.DedupeDisabled = false
+			default:
+				return d.Errf("dedupe takes on or off, not %q", value)
+			}
+		case "storage":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			modStem := d.Val()
+			modID := "caddy.storage." + modStem
+			unm, err := caddyfile.UnmarshalModule(d, modID)
+			if err != nil {
+				return err
+			}
+			storage, ok := unm.(caddy.StorageConverter)
+			if !ok {
+				return d.Errf("module %s is not a caddy.StorageConverter", modID)
+			}
+			h.StorageRaw = caddyconfig.JSONModuleObject(storage, "module", modStem, nil)
+		default:
+			return d.Errf("unrecognized kayle_webhook option %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func parseCaddyfile(helper httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	h := new(Handler)
+	err := h.UnmarshalCaddyfile(helper.Dispenser)
+	return h, err
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler       = (*Handler)(nil)
+)

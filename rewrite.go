@@ -1,0 +1,154 @@
+package kaylewebhook
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// Headers the backend receives. Only the gateway sets them: any incoming
+// X-Kayle-* header but X-Kayle-Delivery-Id is removed first.
+const (
+	HeaderEventID            = "X-Kayle-Event-Id"
+	HeaderEventType          = "X-Kayle-Event-Type"
+	HeaderSessionID          = "X-Kayle-Session-Id"
+	HeaderContractVersion    = "X-Kayle-Contract-Version"
+	HeaderKeyID              = "X-Kayle-Key-Id"
+	HeaderSignatureTimestamp = "X-Kayle-Signature-Timestamp"
+	HeaderVerified           = "X-Kayle-Verified"
+	HeaderDuplicate          = "X-Kayle-Duplicate"
+	// HeaderEvent is Kayle's own unsigned type header; the gateway overwrites
+	// it with the decrypted type so a backend reading it is not misled.
+	HeaderEvent = "X-Kayle-Event"
+	// HeaderDeliveryID is Kayle's per-attempt id. It is not signed, so it is
+	// passed through as information only.
+	HeaderDeliveryID = "X-Kayle-Delivery-Id"
+)
+
+// maxIDLen bounds the ids copied into headers, placeholders and logs.
+const maxIDLen = 256
+
+var (
+	errPayloadNotJSON = errors.New("decrypted payload is not a JSON object")
+	errNoEventID      = errors.New("decrypted payload has no metadata.event_id string")
+	errBadPayloadID   = errors.New("decrypted payload has an id or type that is empty, longer than 256 bytes or not printable")
+)
+
+// event is what the gateway reads from a decrypted payload: ids only. The
+// rest of the plaintext is passed to the backend untouched and never kept.
+type event struct {
+	ID              string
+	Type            string
+	SessionID       string
+	ContractVersion string
+}
+
+// parseEvent reads the ids from a decrypted payload. Its errors never quote
+// the plaintext (encoding/json's would).
+func parseEvent(plaintext []byte) (event, error) {
+	var p struct {
+		Type     *string `json:"type"`
+		Metadata *struct {
+			EventID         *string     `json:"event_id"`
+			SessionID       *string     `json:"verification_session_id"`
+			ContractVersion json.Number `json:"contract_version"`
+		} `json:"metadata"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(plaintext))
+	dec.UseNumber()
+	if err := dec.Decode(&p); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			// a field of the wrong JSON type; the message names only the field
+			return event{}, errors.New("decrypted payload field " + typeErr.Field + " has the wrong JSON type")
+		}
+		return event{}, errPayloadNotJSON
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return event{}, errPayloadNotJSON // trailing data after the object
+	}
+	if p.Metadata == nil || p.Metadata.EventID == nil {
+		return event{}, errNoEventID
+	}
+	ev := event{ID: *p.Metadata.EventID, ContractVersion: p.Metadata.ContractVersion.String()}
+	if p.Type != nil {
+		ev.Type = *p.Type
+	}
+	if p.Metadata.SessionID != nil {
+		ev.SessionID = *p.Metadata.SessionID
+	}
+	if !headerSafe(ev.ID) || (ev.Type != "" && !headerSafe(ev.Type)) ||
+		(ev.SessionID != "" && !headerSafe(ev.SessionID)) || !headerSafe(ev.ContractVersion) && ev.ContractVersion != "" {
+		return event{}, errBadPayloadID
+	}
+	return ev, nil
+}
+
+// headerSafe reports whether s can travel in a header and a log line as is:
+// non-empty, bounded, and no control characters.
+func headerSafe(s string) bool {
+	if s == "" || len(s) > maxIDLen {
+		return false
+	}
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f || r == '\uFFFD' {
+			return false
+		}
+	}
+	return true
+}
+
+// isGatewayHeader reports whether an incoming header must be dropped:
+// every X-Kayle-* header except the informative delivery id.
+func isGatewayHeader(canonicalName string) bool {
+	return strings.HasPrefix(canonicalName, "X-Kayle-") && canonicalName != HeaderDeliveryID
+}
+
+// rewriteRequest turns the verified delivery into the plaintext request the
+// next handler sees, and publishes the ids as placeholders.
+func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev event, kid string, sig signature) {
+	for name := range r.Header {
+		if isGatewayHeader(name) {
+			delete(r.Header, name)
+		}
+	}
+	h := r.Header
+	// the body is no longer the one the encoding headers described
+	h.Del("Content-Encoding")
+	h.Del("Transfer-Encoding")
+	r.TransferEncoding = nil
+	r.Trailer = nil
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(plaintext)))
+	// reverse_proxy drops a body whose ContentLength is 0 (caddy issue 6545)
+	r.ContentLength = int64(len(plaintext))
+	r.Body = io.NopCloser(bytes.NewReader(plaintext))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(plaintext)), nil }
+
+	h.Set(HeaderEventID, ev.ID)
+	setIfPresent(h, HeaderEventType, ev.Type)
+	setIfPresent(h, HeaderEvent, ev.Type)
+	setIfPresent(h, HeaderSessionID, ev.SessionID)
+	setIfPresent(h, HeaderContractVersion, ev.ContractVersion)
+	setIfPresent(h, HeaderKeyID, kid)
+	h.Set(HeaderSignatureTimestamp, sig.timestamp)
+	h.Set(HeaderVerified, "true")
+
+	repl.Set("http.kayle.event_id", ev.ID)
+	repl.Set("http.kayle.event_type", ev.Type)
+	repl.Set("http.kayle.session_id", ev.SessionID)
+	repl.Set("http.kayle.key_id", kid)
+	repl.Set("http.kayle.duplicate", false)
+}
+
+func setIfPresent(h http.Header, name, value string) {
+	if value != "" {
+		h.Set(name, value)
+	}
+}

@@ -1,0 +1,148 @@
+package kaylewebhook
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// SignatureHeader is the header Kayle signs each delivery with:
+// "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, t + "." + body)>".
+const SignatureHeader = "X-Kayle-Signature"
+
+const (
+	// maxSignatureHeaderLen bounds the work an attacker can ask of the parser.
+	maxSignatureHeaderLen = 4096
+	// maxV1Signatures bounds the HMAC comparisons per request (rotation needs two or three).
+	maxV1Signatures = 8
+)
+
+var (
+	errNoSignature      = errors.New("missing " + SignatureHeader + " header")
+	errSignatureFormat  = errors.New("malformed " + SignatureHeader + " header")
+	errSignatureInvalid = errors.New("no v1 signature matches a configured signing secret")
+)
+
+// signature is a parsed X-Kayle-Signature header.
+type signature struct {
+	// timestamp is the t field exactly as sent: the HMAC covers these bytes.
+	timestamp string
+	unix      int64
+	v1        [][]byte
+}
+
+// parseSignature parses "t=…,v1=…[,v1=…]". Unknown schemes (v0, v2, …) are
+// ignored, as in other t=/v1= webhook schemes, so Kayle can add one later.
+// It is strict about what it uses: exactly one t of decimal digits, and each
+// v1 exactly 64 hex characters.
+func parseSignature(header string) (signature, error) {
+	var sig signature
+	if header == "" {
+		return sig, errNoSignature
+	}
+	if len(header) > maxSignatureHeaderLen {
+		return sig, fmt.Errorf("%w: longer than %d bytes", errSignatureFormat, maxSignatureHeaderLen)
+	}
+	seenT := false
+	for field := range strings.SplitSeq(header, ",") {
+		name, value, ok := strings.Cut(strings.TrimSpace(field), "=")
+		if !ok {
+			return sig, fmt.Errorf("%w: field without '='", errSignatureFormat)
+		}
+		switch name {
+		case "t":
+			if seenT {
+				return sig, fmt.Errorf("%w: more than one t", errSignatureFormat)
+			}
+			seenT = true
+			unix, err := parseUnixSeconds(value)
+			if err != nil {
+				return sig, err
+			}
+			sig.timestamp, sig.unix = value, unix
+		case "v1":
+			if len(sig.v1) == maxV1Signatures {
+				return sig, fmt.Errorf("%w: more than %d v1 values", errSignatureFormat, maxV1Signatures)
+			}
+			if len(value) != 2*sha256.Size {
+				return sig, fmt.Errorf("%w: v1 is not %d hex characters", errSignatureFormat, 2*sha256.Size)
+			}
+			mac, err := hex.DecodeString(value)
+			if err != nil {
+				return sig, fmt.Errorf("%w: v1 is not hex", errSignatureFormat)
+			}
+			sig.v1 = append(sig.v1, mac)
+		}
+	}
+	if !seenT {
+		return sig, fmt.Errorf("%w: no t", errSignatureFormat)
+	}
+	if len(sig.v1) == 0 {
+		return sig, fmt.Errorf("%w: no v1", errSignatureFormat)
+	}
+	return sig, nil
+}
+
+// parseUnixSeconds accepts only plain decimal digits: no sign, no spaces, no
+// exponent, so one timestamp has exactly one spelling.
+func parseUnixSeconds(s string) (int64, error) {
+	if s == "" || len(s) > 12 {
+		return 0, fmt.Errorf("%w: t is not a Unix time in seconds", errSignatureFormat)
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, fmt.Errorf("%w: t is not a Unix time in seconds", errSignatureFormat)
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+// verifySignature checks the header against every secret over the raw body,
+// then the timestamp against now. The MAC comparison is constant time; the
+// timestamp is checked second so that an unauthenticated request learns
+// nothing about our clock.
+func verifySignature(header string, body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (signature, error) {
+	sig, err := parseSignature(header)
+	if err != nil {
+		return sig, err
+	}
+	matched := false
+	for _, secret := range secrets {
+		expected := signatureMAC(secret, sig.timestamp, body)
+		for _, candidate := range sig.v1 {
+			// no early exit: the work done does not depend on which one matches
+			if hmac.Equal(expected, candidate) {
+				matched = true
+			}
+		}
+	}
+	if !matched {
+		return sig, errSignatureInvalid
+	}
+	skew := now.Sub(time.Unix(sig.unix, 0))
+	if skew > tolerance || skew < -tolerance {
+		return sig, fmt.Errorf("signature timestamp is %s away from now, outside the %s tolerance", skew.Round(time.Second), tolerance)
+	}
+	return sig, nil
+}
+
+// signatureMAC is HMAC-SHA256(secret, timestamp + "." + body).
+func signatureMAC(secret []byte, timestamp string, body []byte) []byte {
+	mac := hmac.New(sha256.New, secret)
+	mac.Write([]byte(timestamp))
+	mac.Write([]byte{'.'})
+	mac.Write(body)
+	return mac.Sum(nil)
+}
+
+// SignatureHeaderValue builds an X-Kayle-Signature value for body, as Kayle
+// does. The send command and the tests use it.
+func SignatureHeaderValue(secret []byte, t time.Time, body []byte) string {
+	ts := strconv.FormatInt(t.Unix(), 10)
+	return "t=" + ts + ",v1=" + hex.EncodeToString(signatureMAC(secret, ts, body))
+}
