@@ -140,3 +140,54 @@ func jsonErrorWithoutInput(err error) error {
 	}
 	return errors.New("JSON does not describe a key")
 }
+
+// LoadPublicKeyFile reads the RSA public key to encrypt a delivery to: a
+// public key (PEM "PUBLIC KEY" or "RSA PUBLIC KEY", or a JWK) or a private
+// key (PEM or JWK), whose public half is used. A JWK's kid is returned.
+func LoadPublicKeyFile(path string) (pub *rsa.PublicKey, jwkKID string, err error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", err
+	}
+	if isJSON(data) {
+		var jwk jose.JSONWebKey
+		if err := json.Unmarshal(data, &jwk); err != nil {
+			return nil, "", fmt.Errorf("%s: not a valid JWK: %v", path, jsonErrorWithoutInput(err))
+		}
+		switch k := jwk.Key.(type) {
+		case *rsa.PublicKey:
+			return k, jwk.KeyID, nil
+		case *rsa.PrivateKey:
+			return &k.PublicKey, jwk.KeyID, nil
+		default:
+			return nil, "", fmt.Errorf("%s: not an RSA key (%T)", path, jwk.Key)
+		}
+	}
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, "", fmt.Errorf("%s: neither PEM nor JSON", path)
+	}
+	switch block.Type {
+	case "PUBLIC KEY":
+		parsed, err := x509.ParsePKIXPublicKey(block.Bytes)
+		if err != nil {
+			return nil, "", fmt.Errorf("%s: bad public key: %v", path, err)
+		}
+		k, ok := parsed.(*rsa.PublicKey)
+		if !ok {
+			return nil, "", fmt.Errorf("%s: not an RSA key (%T)", path, parsed)
+		}
+		return k, "", nil
+	case "RSA PUBLIC KEY":
+		k, err := x509.ParsePKCS1PublicKey(block.Bytes)
+		if err != nil {
+			return nil, "", fmt.Errorf("%s: bad PKCS#1 public key: %v", path, err)
+		}
+		return k, "", nil
+	}
+	priv, err := parsePrivateKeyPEM(data)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %v", path, err)
+	}
+	return &priv.PublicKey, "", nil
+}
