@@ -104,10 +104,16 @@ func headerSafe(s string) bool {
 	return true
 }
 
-// isGatewayHeader reports whether an incoming header must be dropped:
-// every X-Kayle-* header except the informative delivery id.
-func isGatewayHeader(canonicalName string) bool {
-	return strings.HasPrefix(canonicalName, "X-Kayle-") && canonicalName != HeaderDeliveryID
+// isGatewayHeader reports whether an incoming header must be dropped: every
+// X-Kayle-* header but the informative delivery id. Case and '_' for '-' are
+// folded, since CGI-style backends read X_Kayle_Event_Id as X-Kayle-Event-Id
+// and a name net/http cannot canonicalize arrives as sent.
+func isGatewayHeader(name string) bool {
+	if len(name) < len("x-kayle-") {
+		return false
+	}
+	folded := strings.ToLower(strings.ReplaceAll(name, "_", "-"))
+	return strings.HasPrefix(folded, "x-kayle-") && name != HeaderDeliveryID
 }
 
 // rewriteRequest turns the verified delivery into the plaintext request the

@@ -1,0 +1,628 @@
+package kaylewebhook
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/go-jose/go-jose/v4"
+	"github.com/spf13/cobra"
+)
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "kayle",
+		Usage: "send [flags]",
+		Short: "Tools for the kayle_webhook handler",
+		Long: `
+Tools for testing a kayle_webhook gateway. Run "caddy kayle send --help".
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			cmd.AddCommand(newSendCommand())
+		},
+	})
+}
+
+// Defaults of "caddy kayle send". Each matches Caddyfile.example, including
+// the environment variables it reads, so a bare send reaches a gateway
+// started with that file.
+const (
+	sendDefaultKeyFile    = "testdata/demo/demo-key.pem"
+	sendDefaultSecretFile = "testdata/demo/demo-secret.txt"
+	sendDefaultKID        = "demo"
+	defaultPort           = "8080"
+	defaultEventType      = "verification.session.succeeded"
+
+	// unknownKID is what --corrupt kid encrypts under: no gateway holds it.
+	unknownKID = "kayle-send-unknown-kid"
+	// notAJWE is what --corrupt body sends: fixed text, so it can never be
+	// personal data.
+	notAJWE = "this body is deliberately not a JWE (caddy kayle send --corrupt body)\n"
+	// maxRepeat keeps a typo from flooding a gateway.
+	maxRepeat = 1000
+	// maxPrintedBody bounds how much of each response is printed.
+	maxPrintedBody = 64 << 10
+	sendTimeout    = 30 * time.Second
+)
+
+// corruptions maps each --corrupt value to the status the handler answers it
+// with, shown to the user as what to expect.
+var corruptions = map[string]int{
+	"signature":  http.StatusBadRequest,
+	"timestamp":  http.StatusBadRequest,
+	"ciphertext": http.StatusUnprocessableEntity,
+	"body":       http.StatusUnprocessableEntity,
+	"kid":        http.StatusInternalServerError,
+}
+
+var contentEncryptions = map[string]jose.ContentEncryption{
+	"A128GCM": jose.A128GCM,
+	"A192GCM": jose.A192GCM,
+	"A256GCM": jose.A256GCM,
+}
+
+func newSendCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "send [flags]",
+		Short: "Sends a genuine Kayle delivery (encrypted and signed) to a gateway",
+		Long: `
+Makes a webhook delivery as Kayle does and POSTs it: a sample payload (or
+--payload) encrypted to an RSA public key as a compact JWE (RSA-OAEP-256),
+signed with the endpoint's signing secret in X-Kayle-Signature. For each
+request it prints the status line, X-Kayle-Duplicate if present and the
+response body. It exits 0 only if every response was 2xx.
+
+The defaults are the demo material in testdata/demo and the address
+Caddyfile.example listens on, so from the repository root:
+
+    go run ./cmd/caddy run --config Caddyfile.example
+    go run ./cmd/caddy kayle send
+
+Like Caddyfile.example, the defaults follow KAYLE_KEY_FILE, KAYLE_KEY_ID,
+KAYLE_SIGNING_SECRET_FILE and KAYLE_LISTEN_PORT when they are set. Relative
+paths are relative to the current directory.
+
+--type <event type>
+    The sample payload to send: verification.session.succeeded (default),
+    .failed, .expired or .cancelled; any other type gets a sample with
+    "data": {}. Each sample has a fresh metadata.event_id and session id.
+    With --payload it only sets the X-Kayle-Event header (default: the
+    payload's own "type").
+
+--payload <file>
+    Send this file as the plaintext, byte for byte, instead of a sample.
+
+--event-id <id>
+    Use this metadata.event_id in the sample, e.g. to send one event twice.
+
+--key <file>
+    The RSA key to encrypt to: a public key (PEM or JWK) or a private key
+    (PEM or JWK), whose public half is used. Default: $KAYLE_KEY_FILE, else
+    testdata/demo/demo-key.pem.
+
+--kid <key id>
+    The kid in the JWE header. Default: the JWK's kid, else $KAYLE_KEY_ID,
+    else "demo". --kid "" sends no kid (the gateway then tries every key).
+
+--enc <A256GCM|A192GCM|A128GCM>
+    The content encryption. Default: A256GCM, as Kayle.
+
+--secret-file <file>, --secret <secret>
+    The signing secret (whsec_...). A file's trailing newline is dropped, as
+    Caddy's {file.*} placeholder does. Default: $KAYLE_SIGNING_SECRET_FILE,
+    else testdata/demo/demo-secret.txt. --secret shows the secret to other
+    users of this machine (process list, shell history): prefer a file.
+
+--time-offset <duration>
+    Shift the signature's t, e.g. -10m to test the staleness check.
+
+--repeat <n>
+    Send the same delivery (same event, same body) n times, each with a new
+    signature and X-Kayle-Delivery-Id, as Kayle's retries are. Default: 1.
+
+--corrupt <signature|ciphertext|kid|timestamp|body>
+    Break the delivery on purpose; the gateway must refuse it:
+      signature   flip a hex digit of v1                      (400)
+      timestamp   sign with a t 10 minutes old                (400)
+      ciphertext  flip a ciphertext byte, then sign           (422)
+      body        sign a body that is not a JWE               (422)
+      kid         encrypt to a kid the gateway does not hold  (500)
+
+--url <url>
+    Where to POST. Default: http://localhost:8080/ (or $KAYLE_LISTEN_PORT).
+
+--print-payload
+    Print the plaintext payload. Off by default: a real payload is personal
+    data. The response body is printed as it comes, so a backend that echoes
+    the payload (like Caddyfile.example's demo backend) shows it anyway.
+`,
+		Args: cobra.NoArgs,
+		RunE: caddycmd.WrapCommandFuncForCobra(cmdKayleSend),
+	}
+	f := cmd.Flags()
+	f.String("url", "", "URL to POST to (default http://localhost:8080/)")
+	f.StringP("type", "t", defaultEventType, "event type of the sample payload")
+	f.String("payload", "", "file holding the plaintext payload to send as is, instead of a sample")
+	f.String("event-id", "", "metadata.event_id of the sample (default: a fresh evt_…)")
+	f.String("key", "", "RSA public or private key file to encrypt to (default "+sendDefaultKeyFile+")")
+	f.String("kid", "", `kid in the JWE header (default: the JWK's kid, else "demo")`)
+	f.String("enc", "A256GCM", "content encryption: A256GCM, A192GCM or A128GCM")
+	f.String("secret-file", "", "file holding the signing secret (default "+sendDefaultSecretFile+")")
+	f.String("secret", "", "the signing secret itself (prefer --secret-file)")
+	f.Duration("time-offset", 0, "shift the signature timestamp by this much, e.g. -10m")
+	f.IntP("repeat", "n", 1, "send the same delivery this many times")
+	f.String("corrupt", "", "break the delivery: signature, ciphertext, kid, timestamp or body")
+	f.Bool("print-payload", false, "print the plaintext payload (personal data in real use)")
+	return cmd
+}
+
+// sendOptions is what "caddy kayle send" was asked to do. Empty fields take
+// the defaults documented on the command.
+type sendOptions struct {
+	URL          string
+	EventType    string // sample type; with PayloadFile, only the X-Kayle-Event header
+	PayloadFile  string
+	EventID      string
+	KeyFile      string
+	KID          string
+	OmitKID      bool // no kid in the JWE header
+	Enc          string
+	SecretFile   string
+	Secret       string
+	TimeOffset   time.Duration
+	Repeat       int // 0 means 1
+	Corrupt      string
+	PrintPayload bool
+}
+
+func cmdKayleSend(fl caddycmd.Flags) (int, error) {
+	opts, err := sendOptionsFromFlags(fl)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if err := runSend(context.Background(), opts, os.Stdout); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	return caddy.ExitCodeSuccess, nil
+}
+
+// sendOptionsFromFlags reads the flags; values are checked by newSendPlan.
+func sendOptionsFromFlags(fl caddycmd.Flags) (sendOptions, error) {
+	var o sendOptions
+	var err error
+	o.URL = fl.String("url")
+	o.EventType = fl.String("type")
+	if fl.Changed("type") && o.EventType == "" {
+		return o, errors.New("--type must not be empty")
+	}
+	o.PayloadFile = fl.String("payload")
+	if o.PayloadFile != "" && !fl.Changed("type") {
+		o.EventType = "" // the payload's own type
+	}
+	o.EventID = fl.String("event-id")
+	if fl.Changed("event-id") && o.EventID == "" {
+		return o, errors.New("--event-id must not be empty")
+	}
+	o.KeyFile = fl.String("key")
+	o.KID = fl.String("kid")
+	o.OmitKID = fl.Changed("kid") && o.KID == ""
+	o.Enc = fl.String("enc")
+	o.SecretFile = fl.String("secret-file")
+	o.Secret = fl.String("secret")
+	if fl.Changed("secret") && o.Secret == "" {
+		return o, errors.New("--secret must not be empty")
+	}
+	if o.TimeOffset, err = fl.GetDuration("time-offset"); err != nil {
+		return o, err
+	}
+	if o.Repeat, err = fl.GetInt("repeat"); err != nil {
+		return o, err
+	}
+	if o.Repeat < 1 {
+		return o, fmt.Errorf("--repeat must be at least 1, not %d", o.Repeat)
+	}
+	o.Corrupt = fl.String("corrupt")
+	if fl.Changed("corrupt") && o.Corrupt == "" {
+		return o, errors.New("--corrupt needs one of: " + corruptionNames())
+	}
+	o.PrintPayload = fl.Bool("print-payload")
+	return o, nil
+}
+
+// sendPlan is one delivery, encrypted once, that can be signed and sent any
+// number of times: Kayle retries resend the same ciphertext, signed anew.
+type sendPlan struct {
+	url        string
+	eventType  string // X-Kayle-Event; not sent when empty
+	eventID    string // for display only; empty when a payload file has none
+	kid        string
+	enc        jose.ContentEncryption
+	payload    []byte // the plaintext: printed only with --print-payload
+	body       []byte // exactly what is POSTed and signed
+	secret     []byte
+	timeOffset time.Duration
+	corrupt    string
+	repeat     int
+}
+
+// newSendPlan checks the options, reads the key, secret and payload, and
+// encrypts (and, if asked, corrupts) the delivery body.
+func newSendPlan(o sendOptions) (*sendPlan, error) {
+	p := &sendPlan{timeOffset: o.TimeOffset, corrupt: o.Corrupt, repeat: o.Repeat}
+	if p.repeat == 0 {
+		p.repeat = 1
+	}
+	if p.repeat < 1 || p.repeat > maxRepeat {
+		return nil, fmt.Errorf("--repeat must be between 1 and %d, not %d", maxRepeat, p.repeat)
+	}
+	if _, ok := corruptions[p.corrupt]; p.corrupt != "" && !ok {
+		return nil, fmt.Errorf("--corrupt %q: must be one of %s", p.corrupt, corruptionNames())
+	}
+	encName := o.Enc
+	if encName == "" {
+		encName = "A256GCM"
+	}
+	var ok bool
+	if p.enc, ok = contentEncryptions[strings.ToUpper(encName)]; !ok {
+		return nil, fmt.Errorf("--enc %q: must be A256GCM, A192GCM or A128GCM", encName)
+	}
+	var err error
+	if p.url, err = sendURL(o.URL); err != nil {
+		return nil, err
+	}
+	if o.Secret != "" && o.SecretFile != "" {
+		return nil, errors.New("give --secret or --secret-file, not both")
+	}
+	if p.secret, err = loadSecret(o); err != nil {
+		return nil, err
+	}
+	if err := p.makePayload(o); err != nil {
+		return nil, err
+	}
+
+	keyFile, demo := defaultPath(o.KeyFile, "KAYLE_KEY_FILE", sendDefaultKeyFile)
+	pub, jwkKID, err := LoadPublicKeyFile(keyFile)
+	if err != nil {
+		return nil, fileError(err, keyFile, demo, "--key")
+	}
+	switch {
+	case o.OmitKID:
+	case o.KID != "":
+		p.kid = o.KID
+	case jwkKID != "":
+		p.kid = jwkKID
+	case os.Getenv("KAYLE_KEY_ID") != "":
+		p.kid = os.Getenv("KAYLE_KEY_ID")
+	default:
+		p.kid = sendDefaultKID
+	}
+	if p.corrupt == "kid" {
+		p.kid = unknownKID
+	}
+
+	if p.corrupt == "body" {
+		p.body = []byte(notAJWE)
+		return p, nil
+	}
+	if p.body, err = EncryptDelivery(p.payload, pub, p.kid, p.enc); err != nil {
+		return nil, err
+	}
+	if p.corrupt == "ciphertext" {
+		if p.body, err = flipCiphertextByte(p.body); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// makePayload reads --payload or builds the sample, and sets the type and id
+// shown and sent in headers.
+func (p *sendPlan) makePayload(o sendOptions) error {
+	if o.PayloadFile != "" {
+		if o.EventID != "" {
+			return errors.New("--event-id applies to the built-in samples; with --payload, edit metadata.event_id in the file")
+		}
+		payload, err := os.ReadFile(o.PayloadFile)
+		if err != nil {
+			return err
+		}
+		p.payload = payload
+		// best effort, for display and the unsigned X-Kayle-Event header:
+		// the file is sent as is, valid or not
+		if ev, err := parseEvent(payload); err == nil {
+			p.eventID, p.eventType = ev.ID, ev.Type
+		}
+		if o.EventType != "" {
+			p.eventType = o.EventType
+		}
+		if p.eventType != "" && !headerSafe(p.eventType) {
+			return fmt.Errorf("--type %q cannot be sent in a header", o.EventType)
+		}
+		return nil
+	}
+	p.eventType = o.EventType
+	if p.eventType == "" {
+		p.eventType = defaultEventType
+	}
+	if !headerSafe(p.eventType) {
+		return fmt.Errorf("--type %q: must be non-empty, at most %d bytes, no control characters", p.eventType, maxIDLen)
+	}
+	p.eventID = o.EventID
+	if p.eventID == "" {
+		p.eventID = "evt_" + randomHex(12)
+	} else if !headerSafe(p.eventID) {
+		return fmt.Errorf("--event-id %q: must be at most %d bytes, no control characters", p.eventID, maxIDLen)
+	}
+	var err error
+	p.payload, err = samplePayload(p.eventType, p.eventID)
+	return err
+}
+
+// newRequest signs the body at now (shifted by --time-offset) and makes one
+// POST with a fresh delivery id, as each Kayle attempt is.
+func (p *sendPlan) newRequest(ctx context.Context, now time.Time) (*http.Request, error) {
+	t := now.Add(p.timeOffset)
+	if p.corrupt == "timestamp" {
+		t = t.Add(-10 * time.Minute) // twice the gateway's default tolerance
+	}
+	sig := SignatureHeaderValue(p.secret, t, p.body)
+	if p.corrupt == "signature" {
+		sig = flipLastHexDigit(sig)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url, bytes.NewReader(p.body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/jose")
+	req.Header.Set(SignatureHeader, sig)
+	req.Header.Set(HeaderDeliveryID, "whd_"+randomHex(12))
+	if p.eventType != "" {
+		req.Header.Set(HeaderEvent, p.eventType)
+	}
+	req.Header.Set("User-Agent", "caddy-kayle-send")
+	return req, nil
+}
+
+// runSend sends the delivery o describes and prints each answer to out. It
+// returns an error if a request failed or any answer was not 2xx.
+func runSend(ctx context.Context, o sendOptions, out io.Writer) error {
+	p, err := newSendPlan(o)
+	if err != nil {
+		return err
+	}
+	p.describe(out)
+	if o.PrintPayload {
+		fmt.Fprintf(out, "payload (plaintext, %d bytes):\n%s", len(p.payload), withNewline(p.payload))
+	}
+	client := &http.Client{
+		Timeout: sendTimeout,
+		// show a redirect as the answer it is: Kayle does not follow them
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	failed := 0
+	for i := 1; i <= p.repeat; i++ {
+		req, err := p.newRequest(ctx, time.Now())
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "\n#%d POST %s  %s: %s\n", i, p.url, HeaderDeliveryID, req.Header.Get(HeaderDeliveryID))
+		resp, err := client.Do(req)
+		if err != nil {
+			return fmt.Errorf("%v (is the gateway running? go run ./cmd/caddy run --config Caddyfile.example)", err)
+		}
+		if !printResponse(out, resp) {
+			failed++
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d responses were not 2xx", failed, p.repeat)
+	}
+	return nil
+}
+
+func (p *sendPlan) describe(out io.Writer) {
+	eventID := p.eventID
+	if eventID == "" {
+		eventID = "(none readable in the payload file)"
+	}
+	kid := fmt.Sprintf("kid %q", p.kid)
+	if p.kid == "" {
+		kid = "no kid"
+	}
+	body := fmt.Sprintf("JWE RSA-OAEP-256 + %s to %s (%d bytes)", p.enc, kid, len(p.body))
+	if p.corrupt == "body" {
+		body = fmt.Sprintf("a %d-byte body that is not a JWE", len(p.body))
+	}
+	fmt.Fprintf(out, "%s event %s: %d-byte payload, %s\n", orNone(p.eventType), eventID, len(p.payload), body)
+	if p.corrupt != "" {
+		fmt.Fprintf(out, "corrupted on purpose (--corrupt %s): the gateway should answer %d\n", p.corrupt, corruptions[p.corrupt])
+	}
+}
+
+// printResponse prints the status line, X-Kayle-Duplicate, Location and the
+// body (bounded), and reports whether the status was 2xx.
+func printResponse(out io.Writer, resp *http.Response) bool {
+	defer resp.Body.Close()
+	fmt.Fprintf(out, "%s %s\n", resp.Proto, resp.Status)
+	for _, name := range []string{HeaderDuplicate, "Location"} {
+		if v := resp.Header.Get(name); v != "" {
+			fmt.Fprintf(out, "%s: %s\n", name, v)
+		}
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxPrintedBody+1))
+	if len(body) > maxPrintedBody {
+		fmt.Fprintf(out, "%s… (truncated at %d bytes)\n", body[:maxPrintedBody], maxPrintedBody)
+	} else if len(body) > 0 {
+		fmt.Fprint(out, withNewline(body))
+	}
+	if err != nil {
+		fmt.Fprintf(out, "(reading the response body: %v)\n", err)
+	}
+	return resp.StatusCode >= 200 && resp.StatusCode <= 299
+}
+
+// sendURL checks --url, or makes the default from KAYLE_LISTEN_PORT.
+func sendURL(raw string) (string, error) {
+	if raw == "" {
+		port := os.Getenv("KAYLE_LISTEN_PORT")
+		if port == "" {
+			port = defaultPort
+		}
+		raw = "http://localhost:" + port + "/"
+	}
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("--url %q: must be an http:// or https:// URL with a host", raw)
+	}
+	return u.String(), nil
+}
+
+// loadSecret reads the signing secret, trimming the file as Caddy's
+// {file.*} placeholder (which Caddyfile.example uses) does, so both sides
+// agree on its bytes.
+func loadSecret(o sendOptions) ([]byte, error) {
+	if o.Secret != "" {
+		return []byte(o.Secret), nil
+	}
+	path, demo := defaultPath(o.SecretFile, "KAYLE_SIGNING_SECRET_FILE", sendDefaultSecretFile)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fileError(err, path, demo, "--secret-file or --secret")
+	}
+	data = bytes.TrimSuffix(data, []byte("\n"))
+	data = bytes.TrimSuffix(data, []byte("\r"))
+	if len(data) == 0 {
+		return nil, fmt.Errorf("signing secret file %s is empty", path)
+	}
+	return data, nil
+}
+
+// defaultPath returns flagValue, else $envVar, else demoPath, and whether
+// the demo file was chosen.
+func defaultPath(flagValue, envVar, demoPath string) (string, bool) {
+	if flagValue != "" {
+		return flagValue, false
+	}
+	if v := os.Getenv(envVar); v != "" {
+		return v, false
+	}
+	return demoPath, true
+}
+
+// fileError explains a missing demo file: the defaults are relative to the
+// repository root.
+func fileError(err error, path string, demo bool, flags string) error {
+	if demo && errors.Is(err, fs.ErrNotExist) {
+		wd, _ := os.Getwd()
+		return fmt.Errorf("demo file %s not found in %s: run from the repository root or pass %s", path, wd, flags)
+	}
+	return err
+}
+
+// samplePayload is a plaintext shaped as Kayle's for eventType, with obviously
+// fictitious personal data.
+func samplePayload(eventType, eventID string) ([]byte, error) {
+	type metadata struct {
+		ContractVersion int    `json:"contract_version"`
+		EventID         string `json:"event_id"`
+		SessionID       string `json:"verification_session_id"`
+	}
+	var data map[string]any
+	switch eventType {
+	case "verification.session.succeeded":
+		data = map[string]any{
+			"claims": map[string]any{
+				"age_over_18":       true,
+				"date_of_birth":     "1995-04-12",
+				"family_name":       "Curie",
+				"given_names":       "Marie",
+				"kayle_document_id": "kdid_" + randomHex(12),
+			},
+			"selected_field_keys": []string{"age_over_18", "date_of_birth", "family_name", "given_names", "kayle_document_id"},
+		}
+	case "verification.session.failed":
+		data = map[string]any{"failure_code": "liveness_failed", "nfc_tries_used": 1, "liveness_tries_used": 3}
+	case "verification.session.cancelled":
+		data = map[string]any{"outcome": "not_verified", "reason": "cancelled", "nfc_tries_used": 0, "liveness_tries_used": 1}
+	default: // expired, and types this tool does not know: Kayle adds new ones
+		data = map[string]any{}
+	}
+	return json.Marshal(struct {
+		Type     string         `json:"type"`
+		Metadata metadata       `json:"metadata"`
+		Data     map[string]any `json:"data"`
+	}{eventType, metadata{1, eventID, "vs_" + randomHex(12)}, data})
+}
+
+// flipCiphertextByte changes one byte of the JWE ciphertext (the 4th part),
+// decoding and re-encoding so the part stays valid base64url and the change
+// is a real one (not in the last character's padding bits).
+func flipCiphertextByte(jwe []byte) ([]byte, error) {
+	parts := strings.Split(string(jwe), ".")
+	if len(parts) != 5 {
+		return nil, errors.New("the JWE does not have 5 parts")
+	}
+	ct, err := base64.RawURLEncoding.DecodeString(parts[3])
+	if err != nil {
+		return nil, err
+	}
+	if len(ct) == 0 {
+		return nil, errors.New("--corrupt ciphertext: the payload is empty, so there is no ciphertext to corrupt")
+	}
+	ct[len(ct)/2] ^= 0x01
+	parts[3] = base64.RawURLEncoding.EncodeToString(ct)
+	return []byte(strings.Join(parts, ".")), nil
+}
+
+// flipLastHexDigit changes the last character of a signature header (a v1
+// hex digit) to another lowercase hex digit: still well formed, now wrong.
+func flipLastHexDigit(header string) string {
+	const digits = "0123456789abcdef"
+	last := len(header) - 1
+	i := strings.IndexByte(digits, header[last])
+	return header[:last] + string(digits[i^1])
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b) // crypto/rand.Read never fails
+	return hex.EncodeToString(b)
+}
+
+func corruptionNames() string {
+	names := make([]string, 0, len(corruptions))
+	for name := range corruptions {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return strings.Join(names, ", ")
+}
+
+func withNewline(b []byte) string {
+	if len(b) > 0 && b[len(b)-1] != '\n' {
+		return string(b) + "\n"
+	}
+	return string(b)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "(no type)"
+	}
+	return s
+}

@@ -1,0 +1,312 @@
+package kaylewebhook
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// vectorsDir holds deliveries made by an independent implementation
+// (panva/jose). It sits beside the module root; the suite fails without it.
+const vectorsDir = "../shared/vectors"
+
+type vectorManifest struct {
+	SecretFile string            `json:"secret_file"`
+	Keys       map[string]string `json:"keys"`
+	OtherKeys  []string          `json:"other_key_files"`
+	Cases      []vectorCase      `json:"cases"`
+}
+
+type vectorCase struct {
+	Name    string `json:"name"`
+	Now     int64  `json:"now"`
+	Request struct {
+		Method   string            `json:"method"`
+		Headers  map[string]string `json:"headers"`
+		BodyFile string            `json:"body_file"`
+	} `json:"request"`
+	Expect struct {
+		Outcome       string `json:"outcome"`
+		Status        *int   `json:"status"`
+		EventID       string `json:"event_id"`
+		EventType     string `json:"event_type"`
+		SessionID     string `json:"session_id"`
+		PlaintextFile string `json:"plaintext_file"`
+	} `json:"expect"`
+	Config *struct {
+		Secrets []string `json:"secrets"`
+	} `json:"config"`
+}
+
+func loadVectors(t testing.TB) vectorManifest {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(vectorsDir, "cases.json"))
+	if err != nil {
+		t.Fatalf("the shared test vectors must sit at %s (beside the module root): %v", vectorsDir, err)
+	}
+	var m vectorManifest
+	if err := json.Unmarshal(data, &m); err != nil {
+		t.Fatalf("parsing cases.json: %v", err)
+	}
+	if len(m.Cases) == 0 {
+		t.Fatal("cases.json has no cases")
+	}
+	return m
+}
+
+func readVectorFile(t testing.TB, name string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(vectorsDir, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// vectorHandler provisions a Handler as the manifest describes a case's
+// gateway: keys k1 and k2, the case's secrets, the clock pinned to now, and
+// dedupe on file_system storage under root.
+func vectorHandler(t testing.TB, m vectorManifest, c vectorCase, root string) *Handler {
+	t.Helper()
+	secretFiles := []string{m.SecretFile}
+	if c.Config != nil && len(c.Config.Secrets) > 0 {
+		secretFiles = c.Config.Secrets
+	}
+	h := &Handler{
+		StorageRaw: json.RawMessage(`{"module":"file_system","root":` + strconv.Quote(root) + `}`),
+		now:        func() time.Time { return time.Unix(c.Now, 0) },
+	}
+	for _, f := range secretFiles {
+		h.SigningSecrets = append(h.SigningSecrets, "{file."+filepath.Join(vectorsDir, f)+"}")
+	}
+	for _, kid := range []string{"k1", "k2"} {
+		h.DecryptionKeys = append(h.DecryptionKeys, KeyFile{KeyID: kid, File: filepath.Join(vectorsDir, m.Keys[kid])})
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatalf("provision: %v", err)
+	}
+	if err := h.Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	t.Cleanup(func() { _ = h.Cleanup() })
+	return h
+}
+
+// forwardedRequest is what the next handler saw.
+type forwardedRequest struct {
+	header        http.Header
+	body          []byte
+	contentLength int64
+	eventIDPh     string
+}
+
+// serveVector runs one request through h as Caddy would (a replacer in the
+// context) and reports the status the client got and what next saw, if it
+// was called.
+func serveVector(t testing.TB, h *Handler, req *http.Request) (int, *forwardedRequest) {
+	t.Helper()
+	repl := caddy.NewReplacer()
+	req = caddyhttp.PrepareRequest(req, repl, nil, nil)
+	var seen *forwardedRequest
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if seen != nil {
+			t.Error("next was called twice")
+		}
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			t.Errorf("reading forwarded body: %v", err)
+		}
+		ph, _ := repl.GetString("http.kayle.event_id")
+		seen = &forwardedRequest{header: r.Header.Clone(), body: body, contentLength: r.ContentLength, eventIDPh: ph}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	})
+	rec := httptest.NewRecorder()
+	err := h.ServeHTTP(rec, req, next)
+	status := rec.Code
+	if err != nil {
+		he, ok := err.(caddyhttp.HandlerError) // handle_errors asserts the type directly
+		if !ok {
+			t.Fatalf("error is %T, not a caddyhttp.HandlerError: %v", err, err)
+		}
+		status = he.StatusCode
+	}
+	return status, seen
+}
+
+func vectorRequest(t testing.TB, c vectorCase) *http.Request {
+	body := readVectorFile(t, c.Request.BodyFile)
+	req := httptest.NewRequest(c.Request.Method, "/kayle", bytes.NewReader(body))
+	for k, v := range c.Request.Headers {
+		req.Header.Set(k, v)
+	}
+	return req
+}
+
+// TestVectors runs every case of the shared vectors through the handler.
+func TestVectors(t *testing.T) {
+	m := loadVectors(t)
+	for _, c := range m.Cases {
+		t.Run(c.Name, func(t *testing.T) {
+			root := t.TempDir()
+			h := vectorHandler(t, m, c, root)
+			status, seen := serveVector(t, h, vectorRequest(t, c))
+
+			switch c.Expect.Outcome {
+			case "forward":
+				if seen == nil {
+					t.Fatalf("not forwarded: status %d", status)
+				}
+				assertForwarded(t, c, seen)
+				if status != http.StatusNoContent {
+					t.Errorf("client got %d, want the backend's 204", status)
+				}
+			case "reject":
+				if seen != nil {
+					t.Fatalf("forwarded a delivery that must be rejected (status %d)", status)
+				}
+				if status >= 200 && status < 300 {
+					t.Fatalf("status %d, want non-2xx", status)
+				}
+				if c.Expect.Status != nil && status != *c.Expect.Status {
+					t.Fatalf("status %d, want %d", status, *c.Expect.Status)
+				}
+			case "forward_or_reject":
+				if seen != nil {
+					assertForwarded(t, c, seen)
+				}
+				assertOnlyUnderPrefix(t, root, defaultDedupePrefix)
+			default:
+				t.Fatalf("unknown outcome %q", c.Expect.Outcome)
+			}
+		})
+	}
+}
+
+func assertForwarded(t *testing.T, c vectorCase, seen *forwardedRequest) {
+	t.Helper()
+	if c.Expect.PlaintextFile != "" {
+		want := readVectorFile(t, c.Expect.PlaintextFile)
+		if !bytes.Equal(seen.body, want) {
+			t.Errorf("forwarded body differs from %s (%d bytes, want %d)", c.Expect.PlaintextFile, len(seen.body), len(want))
+		}
+		if seen.contentLength != int64(len(want)) || seen.header.Get("Content-Length") != strconv.Itoa(len(want)) {
+			t.Errorf("Content-Length %d / %q, want %d", seen.contentLength, seen.header.Get("Content-Length"), len(want))
+		}
+	}
+	sentT := strings.TrimPrefix(strings.Split(c.Request.Headers["X-Kayle-Signature"], ",")[0], "t=")
+	want := map[string]string{
+		"Content-Type":           "application/json",
+		HeaderEventID:            c.Expect.EventID,
+		HeaderEventType:          c.Expect.EventType,
+		HeaderEvent:              c.Expect.EventType,
+		HeaderSessionID:          c.Expect.SessionID,
+		HeaderVerified:           "true",
+		HeaderSignatureTimestamp: sentT,
+		HeaderDeliveryID:         c.Request.Headers[HeaderDeliveryID],
+		SignatureHeader:          "",
+	}
+	if c.Expect.EventType == "" {
+		delete(want, HeaderEventType)
+		delete(want, HeaderEvent)
+	}
+	if c.Expect.SessionID == "" {
+		delete(want, HeaderSessionID)
+	}
+	for name, value := range want {
+		if got := seen.header.Values(name); value == "" && len(got) != 0 || value != "" && (len(got) != 1 || got[0] != value) {
+			t.Errorf("%s: got %q, want %q", name, got, value)
+		}
+	}
+	// the kid in the JWE header, or for a JWE without one, a key we hold
+	if kid := seen.header.Get(HeaderKeyID); kid != "k1" && kid != "k2" {
+		t.Errorf("%s: %q", HeaderKeyID, kid)
+	}
+	if seen.eventIDPh != c.Expect.EventID {
+		t.Errorf("{http.kayle.event_id} = %q, want %q", seen.eventIDPh, c.Expect.EventID)
+	}
+}
+
+// assertOnlyUnderPrefix checks that the storage holds nothing outside the
+// dedupe prefix but certmagic's locks.
+func assertOnlyUnderPrefix(t *testing.T, root, prefix string) {
+	t.Helper()
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		rel = filepath.ToSlash(rel)
+		if !strings.HasPrefix(rel, prefix+"/") && !strings.HasPrefix(rel, "locks/") {
+			t.Errorf("storage file outside the prefix: %s", rel)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// and nothing beside the storage root
+	if entries, _ := os.ReadDir(filepath.Dir(root)); len(entries) != 1 {
+		t.Errorf("files written beside the storage root: %v", entries)
+	}
+}
+
+// TestVectorsOtherKeyFormats decrypts the k1 and k2 cases with the keys
+// loaded from every other file format the vectors ship.
+func TestVectorsOtherKeyFormats(t *testing.T) {
+	m := loadVectors(t)
+	byName := map[string]vectorCase{}
+	for _, c := range m.Cases {
+		byName[c.Name] = c
+	}
+	configs := map[string]func(h *Handler){
+		"pkcs1+jwk": func(h *Handler) {
+			h.DecryptionKeys = []KeyFile{
+				{KeyID: "k1", File: filepath.Join(vectorsDir, "keys/k1.pkcs1.pem")},
+				{KeyID: "k2", File: filepath.Join(vectorsDir, "keys/k2.private.jwk.json")},
+			}
+		},
+		"jwks": func(h *Handler) {
+			h.DecryptionKeys = nil
+			h.DecryptionJWKS = []string{filepath.Join(vectorsDir, "keys/private.jwks.json")}
+		},
+	}
+	for name, configure := range configs {
+		for _, caseName := range []string{"succeeded-a256gcm-k1", "cancelled-a192gcm-k2", "no-kid"} {
+			t.Run(name+"/"+caseName, func(t *testing.T) {
+				c := byName[caseName]
+				h := &Handler{
+					SigningSecrets: []string{"{file." + filepath.Join(vectorsDir, m.SecretFile) + "}"},
+					DedupeDisabled: true,
+					now:            func() time.Time { return time.Unix(c.Now, 0) },
+				}
+				configure(h)
+				ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+				defer cancel()
+				if err := h.Provision(ctx); err != nil {
+					t.Fatal(err)
+				}
+				status, seen := serveVector(t, h, vectorRequest(t, c))
+				if seen == nil {
+					t.Fatalf("not forwarded: %d", status)
+				}
+				assertForwarded(t, c, seen)
+			})
+		}
+	}
+}
