@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"io"
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
@@ -107,46 +106,27 @@ func vectorHandler(t testing.TB, m vectorManifest, c vectorCase, root string) *H
 	return h
 }
 
-// forwardedRequest is what the next handler saw.
-type forwardedRequest struct {
-	header        http.Header
-	body          []byte
-	contentLength int64
-	eventIDPh     string
-}
-
-// serveVector runs one request through h as Caddy would (a replacer in the
-// context) and reports the status the client got and what next saw, if it
-// was called.
-func serveVector(t testing.TB, h *Handler, req *http.Request) (int, *forwardedRequest) {
+// serveVector runs one request through h (as Caddy would, see serve) to a
+// backend answering 204, and reports the client's status and what the
+// backend saw, if it was called.
+func serveVector(t testing.TB, h *Handler, req *http.Request) (int, *forwarded, *caddy.Replacer) {
 	t.Helper()
-	repl := caddy.NewReplacer()
-	req = caddyhttp.PrepareRequest(req, repl, nil, nil)
-	var seen *forwardedRequest
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		if seen != nil {
-			t.Error("next was called twice")
+	backend := &testBackend{Respond: respondStatus(http.StatusNoContent)}
+	res := serve(h, req, backend)
+	if res.Err != nil {
+		if _, ok := res.Err.(caddyhttp.HandlerError); !ok { // handle_errors asserts the type directly
+			t.Fatalf("error is %T, not a caddyhttp.HandlerError: %v", res.Err, res.Err)
 		}
-		body, err := io.ReadAll(r.Body)
-		if err != nil {
-			t.Errorf("reading forwarded body: %v", err)
-		}
-		ph, _ := repl.GetString("http.kayle.event_id")
-		seen = &forwardedRequest{header: r.Header.Clone(), body: body, contentLength: r.ContentLength, eventIDPh: ph}
-		w.WriteHeader(http.StatusNoContent)
-		return nil
-	})
-	rec := httptest.NewRecorder()
-	err := h.ServeHTTP(rec, req, next)
-	status := rec.Code
-	if err != nil {
-		he, ok := err.(caddyhttp.HandlerError) // handle_errors asserts the type directly
-		if !ok {
-			t.Fatalf("error is %T, not a caddyhttp.HandlerError: %v", err, err)
-		}
-		status = he.StatusCode
 	}
-	return status, seen
+	switch backend.Calls() {
+	case 0:
+		return res.Status, nil, res.Repl
+	case 1:
+		seen := backend.Request(0)
+		return res.Status, &seen, res.Repl
+	}
+	t.Fatalf("the backend was called %d times", backend.Calls())
+	return 0, nil, nil
 }
 
 func vectorRequest(t testing.TB, c vectorCase) *http.Request {
@@ -165,14 +145,14 @@ func TestVectors(t *testing.T) {
 		t.Run(c.Name, func(t *testing.T) {
 			root := t.TempDir()
 			h := vectorHandler(t, m, c, root)
-			status, seen := serveVector(t, h, vectorRequest(t, c))
+			status, seen, repl := serveVector(t, h, vectorRequest(t, c))
 
 			switch c.Expect.Outcome {
 			case "forward":
 				if seen == nil {
 					t.Fatalf("not forwarded: status %d", status)
 				}
-				assertForwarded(t, c, seen)
+				assertForwarded(t, c, seen, repl)
 				if status != http.StatusNoContent {
 					t.Errorf("client got %d, want the backend's 204", status)
 				}
@@ -188,7 +168,7 @@ func TestVectors(t *testing.T) {
 				}
 			case "forward_or_reject":
 				if seen != nil {
-					assertForwarded(t, c, seen)
+					assertForwarded(t, c, seen, repl)
 				}
 				assertOnlyUnderPrefix(t, root, defaultDedupePrefix)
 			default:
@@ -198,15 +178,15 @@ func TestVectors(t *testing.T) {
 	}
 }
 
-func assertForwarded(t *testing.T, c vectorCase, seen *forwardedRequest) {
+func assertForwarded(t *testing.T, c vectorCase, seen *forwarded, repl *caddy.Replacer) {
 	t.Helper()
 	if c.Expect.PlaintextFile != "" {
 		want := readVectorFile(t, c.Expect.PlaintextFile)
-		if !bytes.Equal(seen.body, want) {
-			t.Errorf("forwarded body differs from %s (%d bytes, want %d)", c.Expect.PlaintextFile, len(seen.body), len(want))
+		if !bytes.Equal(seen.Body, want) {
+			t.Errorf("forwarded body differs from %s (%d bytes, want %d)", c.Expect.PlaintextFile, len(seen.Body), len(want))
 		}
-		if seen.contentLength != int64(len(want)) || seen.header.Get("Content-Length") != strconv.Itoa(len(want)) {
-			t.Errorf("Content-Length %d / %q, want %d", seen.contentLength, seen.header.Get("Content-Length"), len(want))
+		if seen.Header.Get("Content-Length") != strconv.Itoa(len(want)) {
+			t.Errorf("Content-Length %q, want %d", seen.Header.Get("Content-Length"), len(want))
 		}
 	}
 	sentT := strings.TrimPrefix(strings.Split(c.Request.Headers["X-Kayle-Signature"], ",")[0], "t=")
@@ -229,16 +209,16 @@ func assertForwarded(t *testing.T, c vectorCase, seen *forwardedRequest) {
 		delete(want, HeaderSessionID)
 	}
 	for name, value := range want {
-		if got := seen.header.Values(name); value == "" && len(got) != 0 || value != "" && (len(got) != 1 || got[0] != value) {
+		if got := seen.Header.Values(name); value == "" && len(got) != 0 || value != "" && (len(got) != 1 || got[0] != value) {
 			t.Errorf("%s: got %q, want %q", name, got, value)
 		}
 	}
 	// the kid in the JWE header, or for a JWE without one, a key we hold
-	if kid := seen.header.Get(HeaderKeyID); kid != "k1" && kid != "k2" {
+	if kid := seen.Header.Get(HeaderKeyID); kid != "k1" && kid != "k2" {
 		t.Errorf("%s: %q", HeaderKeyID, kid)
 	}
-	if seen.eventIDPh != c.Expect.EventID {
-		t.Errorf("{http.kayle.event_id} = %q, want %q", seen.eventIDPh, c.Expect.EventID)
+	if ph, _ := repl.GetString("http.kayle.event_id"); ph != c.Expect.EventID {
+		t.Errorf("{http.kayle.event_id} = %q, want %q", ph, c.Expect.EventID)
 	}
 }
 
@@ -301,11 +281,11 @@ func TestVectorsOtherKeyFormats(t *testing.T) {
 				if err := h.Provision(ctx); err != nil {
 					t.Fatal(err)
 				}
-				status, seen := serveVector(t, h, vectorRequest(t, c))
+				status, seen, repl := serveVector(t, h, vectorRequest(t, c))
 				if seen == nil {
 					t.Fatalf("not forwarded: %d", status)
 				}
-				assertForwarded(t, c, seen)
+				assertForwarded(t, c, seen, repl)
 			})
 		}
 	}
