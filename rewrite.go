@@ -60,18 +60,16 @@ func parseEvent(plaintext []byte) (event, error) {
 			ContractVersion json.Number `json:"contract_version"`
 		} `json:"metadata"`
 	}
-	dec := json.NewDecoder(bytes.NewReader(plaintext))
-	dec.UseNumber()
-	if err := dec.Decode(&p); err != nil {
+	// Unmarshal, not a Decoder: it validates the whole input (trailing data
+	// included) and decodes without copying it, which matters for the
+	// hundreds of KB of a payload carrying images.
+	if err := json.Unmarshal(plaintext, &p); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) && typeErr.Field != "" {
 			// a field of the wrong JSON type; the message names only the field
 			return event{}, errors.New("decrypted payload field " + typeErr.Field + " has the wrong JSON type")
 		}
 		return event{}, errPayloadNotJSON
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return event{}, errPayloadNotJSON // trailing data after the object
 	}
 	if p.Metadata == nil || p.Metadata.EventID == nil {
 		return event{}, errNoEventID

@@ -1,0 +1,103 @@
+package kaylewebhook
+
+import (
+	"bytes"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// benchVector returns the handler the vectors configure and a request maker
+// for one of their forwardable cases.
+func benchVector(b *testing.B, name string) (*Handler, func() *http.Request, int) {
+	m := loadVectors(b)
+	for _, c := range m.Cases {
+		if c.Name != name {
+			continue
+		}
+		h := vectorHandler(b, m, c, b.TempDir())
+		h.dedupe = nil
+		h.logger = zap.NewNop()
+		body := readVectorFile(b, c.Request.BodyFile)
+		return h, func() *http.Request {
+			req := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(body))
+			for k, v := range c.Request.Headers {
+				req.Header.Set(k, v)
+			}
+			return req
+		}, len(body)
+	}
+	b.Fatalf("no vector %q", name)
+	return nil, nil, 0
+}
+
+// BenchmarkHandler is the whole request path without storage: read, verify,
+// decrypt (RSA-2048), parse, rewrite. Compare with BenchmarkDecryptOnly: the
+// difference is the gateway's own overhead.
+func BenchmarkHandler(b *testing.B) {
+	for _, name := range []string{"succeeded-a256gcm-k1", "succeeded-large-image"} {
+		b.Run(name, func(b *testing.B) {
+			h, newRequest, size := benchVector(b, name)
+			next := &testBackend{Respond: respondStatus(http.StatusNoContent)}
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				next.requests = next.requests[:0]
+				if res := serve(h, newRequest(), next); res.Status != http.StatusNoContent {
+					b.Fatalf("status %d", res.Status)
+				}
+			}
+		})
+		b.Run(name+"/decrypt-only", func(b *testing.B) {
+			h, _, size := benchVector(b, name)
+			m := loadVectors(b)
+			var body []byte
+			for _, c := range m.Cases {
+				if c.Name == name {
+					body = readVectorFile(b, c.Request.BodyFile)
+				}
+			}
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, _, err := h.keys.decrypt(body); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkParseEventLarge(b *testing.B) {
+	plaintext, err := os.ReadFile(filepath.Join(vectorsDir, "bodies/05-succeeded-large-image.json"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(int64(len(plaintext)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := parseEvent(plaintext); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkVerifyLarge(b *testing.B) {
+	body, err := os.ReadFile(filepath.Join(vectorsDir, "bodies/05-succeeded-large-image.jwe"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	secrets := [][]byte{testSecret, testOldSecret}
+	header := SignatureHeaderValue(testOldSecret, testNow, body)
+	b.SetBytes(int64(len(body)))
+	for b.Loop() {
+		if _, err := verifySignature(header, body, secrets, testNow, time.Minute); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
