@@ -334,8 +334,10 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 	if r.ContentLength > limit {
 		return nil, &http.MaxBytesError{Limit: limit}
 	}
+	// Not closed here: net/http must see the unread rest of a refused body
+	// and drain or drop the connection, or it would parse the rest as the
+	// next request. (Caddy's wrapped writer hides MaxBytesReader's signal.)
 	body := http.MaxBytesReader(w, r.Body, limit)
-	defer body.Close()
 	if r.ContentLength > 0 {
 		// net/http stops the body at Content-Length, so one exact read suffices
 		buf := make([]byte, r.ContentLength)

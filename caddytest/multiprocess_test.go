@@ -1,0 +1,243 @@
+package caddytest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+)
+
+var (
+	buildOnce   sync.Once
+	caddyBinary string
+	buildErr    error
+)
+
+// buildCaddy builds ./cmd/caddy once per test binary (~1.5 min cold).
+func buildCaddy(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		start := time.Now()
+		bin := filepath.Join(scratch, "caddy")
+		cmd := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
+		cmd.Dir = ".." // the module root
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
+			return
+		}
+		caddyBinary = bin
+		t.Logf("built ./cmd/caddy in %s", time.Since(start).Round(time.Millisecond))
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return caddyBinary
+}
+
+// syncBuffer collects a process's output; exec writes it from a goroutine.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// caddyProcess is one Caddy run from the built binary.
+type caddyProcess struct {
+	name    string
+	gw      gateway
+	out     *syncBuffer
+	exited  chan struct{}
+	waitErr error // set before exited is closed
+}
+
+// startCaddy runs the Caddy binary with gw's Caddyfile in a process of its
+// own. The process is killed when the test ends; its output is logged if the
+// test failed.
+func startCaddy(t *testing.T, bin, name string, gw gateway) *caddyProcess {
+	t.Helper()
+	dir := t.TempDir()
+	config := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(config, []byte(gw.caddyfile()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "run", "--config", config, "--adapter", "caddyfile")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(),
+		"XDG_DATA_HOME="+filepath.Join(dir, "data"),
+		"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
+	)
+	p := &caddyProcess{name: name, gw: gw, out: new(syncBuffer), exited: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.out, p.out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.waitErr = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-p.exited
+		if t.Failed() {
+			t.Logf("----- output of Caddy %s (%v) -----\n%s", p.name, p.waitErr, p.out.String())
+		}
+	})
+	return p
+}
+
+// waitReady polls until the gateway's kayle_webhook route answers (405 to a
+// GET), for at most a minute.
+func (p *caddyProcess) waitReady(t *testing.T) {
+	t.Helper()
+	client := &http.Client{Timeout: time.Second}
+	defer client.CloseIdleConnections()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		select {
+		case <-p.exited:
+			t.Fatalf("Caddy %s exited before it was ready: %v", p.name, p.waitErr)
+		default:
+		}
+		resp, err := client.Get(p.gw.url())
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusMethodNotAllowed {
+				return
+			}
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Caddy %s not ready after a minute (last: %v)", p.name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Two Caddy processes on one file_system storage forward each event once
+// between them, with copies of it arriving at both at the same moment.
+func TestTwoCaddyProcessesShareDedupe(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds ./cmd/caddy and runs two Caddy processes; skipped with -short")
+	}
+	bin := buildCaddy(t)
+	be := newBackend(t)
+	// a backend that takes a moment, as a real one does: the copies at the
+	// other instance then arrive while the first forward is still running
+	be.respond = func(w http.ResponseWriter, r *http.Request, n int) {
+		time.Sleep(100 * time.Millisecond)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"received":true}`))
+	}
+	storage := t.TempDir()
+	gateways := make([]gateway, 2)
+	for i := range gateways {
+		gateways[i] = gateway{
+			adminPort: mustFreePort(t),
+			port:      mustFreePort(t),
+			storage:   storage,
+			backend:   be.hostPort(),
+		}
+	}
+	procs := make([]*caddyProcess, len(gateways))
+	for i, gw := range gateways {
+		procs[i] = startCaddy(t, bin, fmt.Sprintf("#%d", i+1), gw)
+	}
+	for _, p := range procs {
+		p.waitReady(t)
+	}
+
+	const events, copies = 4, 10 // copies per event per instance
+	evs := make([]event, events)
+	type shot struct {
+		event int
+		req   *http.Request
+	}
+	var shots []shot
+	for e := range evs {
+		evs[e] = newEvent(t, nil)
+		for _, gw := range gateways {
+			for range copies {
+				// each copy freshly encrypted and signed, as separate retries are
+				shots = append(shots, shot{e, deliver(t, gw.url(), evs[e])})
+			}
+		}
+	}
+
+	client := &http.Client{
+		Timeout:   60 * time.Second,
+		Transport: &http.Transport{MaxIdleConnsPerHost: len(shots)},
+	}
+	defer client.CloseIdleConnections()
+	type result struct {
+		status    int
+		duplicate bool
+		err       error
+	}
+	results := make([]result, len(shots))
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, s := range shots {
+		wg.Go(func() {
+			<-start
+			resp, err := client.Do(s.req)
+			if err != nil {
+				results[i].err = err
+				return
+			}
+			resp.Body.Close()
+			results[i] = result{status: resp.StatusCode, duplicate: resp.Header.Get(kaylewebhook.HeaderDuplicate) == "true"}
+		})
+	}
+	began := time.Now()
+	close(start)
+	wg.Wait()
+	t.Logf("%d copies of %d events answered in %s", len(shots), events, time.Since(began).Round(time.Millisecond))
+
+	forwarded := make([]int, events)
+	for i, r := range results {
+		switch {
+		case r.err != nil:
+			if errors.Is(r.err, context.DeadlineExceeded) {
+				t.Errorf("copy %d: timed out", i)
+			} else {
+				t.Errorf("copy %d: %v", i, r.err)
+			}
+		case r.status != http.StatusOK:
+			t.Errorf("copy %d of event %d: status %d, want 200", i, shots[i].event, r.status)
+		case !r.duplicate:
+			forwarded[shots[i].event]++
+		}
+	}
+	for e, ev := range evs {
+		if n := be.count(ev.id); n != 1 {
+			t.Errorf("backend got event %d %d times, want exactly 1", e, n)
+		}
+		if forwarded[e] != 1 {
+			t.Errorf("event %d: %d copies answered as forwarded, want 1", e, forwarded[e])
+		}
+	}
+	if n := be.total(); n != events {
+		t.Errorf("backend got %d requests, want %d", n, events)
+	}
+}
