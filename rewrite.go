@@ -2,8 +2,6 @@ package kaylewebhook
 
 import (
 	"bytes"
-	"encoding/json"
-	"errors"
 	"io"
 	"net/http"
 	"strconv"
@@ -30,77 +28,6 @@ const (
 	// passed through as information only.
 	HeaderDeliveryID = "X-Kayle-Delivery-Id"
 )
-
-// maxIDLen bounds the ids copied into headers, placeholders and logs.
-const maxIDLen = 256
-
-var (
-	errPayloadNotJSON = errors.New("decrypted payload is not a JSON object")
-	errNoEventID      = errors.New("decrypted payload has no metadata.event_id string")
-	errBadPayloadID   = errors.New("decrypted payload has an id or type that is empty, longer than 256 bytes or not printable")
-)
-
-// event is what the gateway reads from a decrypted payload: ids only. The
-// rest of the plaintext is passed to the backend untouched and never kept.
-type event struct {
-	ID              string
-	Type            string
-	SessionID       string
-	ContractVersion string
-}
-
-// parseEvent reads the ids from a decrypted payload. Its errors never quote
-// the plaintext (encoding/json's would).
-func parseEvent(plaintext []byte) (event, error) {
-	var p struct {
-		Type     *string `json:"type"`
-		Metadata *struct {
-			EventID         *string     `json:"event_id"`
-			SessionID       *string     `json:"verification_session_id"`
-			ContractVersion json.Number `json:"contract_version"`
-		} `json:"metadata"`
-	}
-	// Unmarshal, not a Decoder: it validates the whole input (trailing data
-	// included) and decodes without copying it, which matters for the
-	// hundreds of KB of a payload carrying images.
-	if err := json.Unmarshal(plaintext, &p); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) && typeErr.Field != "" {
-			// a field of the wrong JSON type; the message names only the field
-			return event{}, errors.New("decrypted payload field " + typeErr.Field + " has the wrong JSON type")
-		}
-		return event{}, errPayloadNotJSON
-	}
-	if p.Metadata == nil || p.Metadata.EventID == nil {
-		return event{}, errNoEventID
-	}
-	ev := event{ID: *p.Metadata.EventID, ContractVersion: p.Metadata.ContractVersion.String()}
-	if p.Type != nil {
-		ev.Type = *p.Type
-	}
-	if p.Metadata.SessionID != nil {
-		ev.SessionID = *p.Metadata.SessionID
-	}
-	if !headerSafe(ev.ID) || (ev.Type != "" && !headerSafe(ev.Type)) ||
-		(ev.SessionID != "" && !headerSafe(ev.SessionID)) || !headerSafe(ev.ContractVersion) && ev.ContractVersion != "" {
-		return event{}, errBadPayloadID
-	}
-	return ev, nil
-}
-
-// headerSafe reports whether s can travel in a header and a log line as is:
-// non-empty, bounded, and no control characters.
-func headerSafe(s string) bool {
-	if s == "" || len(s) > maxIDLen {
-		return false
-	}
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f || r == '\uFFFD' {
-			return false
-		}
-	}
-	return true
-}
 
 // isGatewayHeader reports whether an incoming header must be dropped: every
 // X-Kayle-* header but the informative delivery id. Case and '_' for '-' are

@@ -1,0 +1,284 @@
+package kaylewebhook
+
+import (
+	"errors"
+)
+
+// maxJSONDepth matches encoding/json's nesting limit.
+const maxJSONDepth = 10000
+
+var errInvalidJSON = errors.New("invalid JSON")
+
+// scanJSON validates data as exactly one JSON value, accepting what
+// encoding/json's Valid accepts, and returns the raw values of the named
+// members of the top-level object (nil where absent, the last one where a
+// name repeats; names compare exactly, after unescaping).
+//
+// It exists for speed: a payload carrying a face image is hundreds of KB of
+// one string, which encoding/json walks a state function per byte, twice
+// (validate, then decode). Here string contents are a tight loop, and the
+// document is walked once; only the small members asked for are decoded.
+func scanJSON(data []byte, names ...string) ([][]byte, error) {
+	s := jsonScanner{data: data, names: names, found: make([][]byte, len(names))}
+	s.skipSpace()
+	if err := s.value(); err != nil {
+		return nil, err
+	}
+	s.skipSpace()
+	if s.pos != len(s.data) {
+		return nil, errInvalidJSON
+	}
+	return s.found, nil
+}
+
+type jsonScanner struct {
+	data  []byte
+	pos   int
+	depth int
+	names []string
+	found [][]byte
+}
+
+func (s *jsonScanner) skipSpace() {
+	for s.pos < len(s.data) {
+		switch s.data[s.pos] {
+		case ' ', '\t', '\n', '\r':
+			s.pos++
+		default:
+			return
+		}
+	}
+}
+
+func (s *jsonScanner) value() error {
+	if s.pos >= len(s.data) {
+		return errInvalidJSON
+	}
+	switch c := s.data[s.pos]; {
+	case c == '{':
+		return s.object()
+	case c == '[':
+		return s.array()
+	case c == '"':
+		return s.str()
+	case c == '-' || (c >= '0' && c <= '9'):
+		return s.number()
+	case c == 't':
+		return s.literal("true")
+	case c == 'f':
+		return s.literal("false")
+	case c == 'n':
+		return s.literal("null")
+	}
+	return errInvalidJSON
+}
+
+func (s *jsonScanner) enter() error {
+	if s.depth++; s.depth > maxJSONDepth {
+		return errInvalidJSON
+	}
+	s.pos++ // the opening bracket
+	s.skipSpace()
+	return nil
+}
+
+func (s *jsonScanner) object() error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	top := s.depth == 1
+	if s.pos < len(s.data) && s.data[s.pos] == '}' {
+		s.pos++
+		s.depth--
+		return nil
+	}
+	for {
+		if s.pos >= len(s.data) || s.data[s.pos] != '"' {
+			return errInvalidJSON
+		}
+		keyStart := s.pos
+		if err := s.str(); err != nil {
+			return err
+		}
+		key := s.data[keyStart:s.pos]
+		s.skipSpace()
+		if s.pos >= len(s.data) || s.data[s.pos] != ':' {
+			return errInvalidJSON
+		}
+		s.pos++
+		s.skipSpace()
+		valueStart := s.pos
+		if err := s.value(); err != nil {
+			return err
+		}
+		if top {
+			s.record(key, s.data[valueStart:s.pos])
+		}
+		s.skipSpace()
+		if s.pos >= len(s.data) {
+			return errInvalidJSON
+		}
+		switch s.data[s.pos] {
+		case ',':
+			s.pos++
+			s.skipSpace()
+		case '}':
+			s.pos++
+			s.depth--
+			return nil
+		default:
+			return errInvalidJSON
+		}
+	}
+}
+
+// record keeps value if the quoted key is one of the names asked for.
+func (s *jsonScanner) record(quotedKey, value []byte) {
+	if len(s.names) == 0 {
+		return
+	}
+	key := quotedKey[1 : len(quotedKey)-1]
+	for i := range key {
+		if key[i] == '\\' { // rare: compare the unescaped key
+			var unescaped string
+			if err := jsonUnmarshalString(quotedKey, &unescaped); err != nil {
+				return
+			}
+			key = []byte(unescaped)
+			break
+		}
+	}
+	for i, name := range s.names {
+		if string(key) == name {
+			s.found[i] = value
+		}
+	}
+}
+
+func (s *jsonScanner) array() error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	if s.pos < len(s.data) && s.data[s.pos] == ']' {
+		s.pos++
+		s.depth--
+		return nil
+	}
+	for {
+		if err := s.value(); err != nil {
+			return err
+		}
+		s.skipSpace()
+		if s.pos >= len(s.data) {
+			return errInvalidJSON
+		}
+		switch s.data[s.pos] {
+		case ',':
+			s.pos++
+			s.skipSpace()
+		case ']':
+			s.pos++
+			s.depth--
+			return nil
+		default:
+			return errInvalidJSON
+		}
+	}
+}
+
+// str validates a string starting at its opening quote. Invalid UTF-8 is
+// accepted, as encoding/json does (it decodes it as U+FFFD).
+func (s *jsonScanner) str() error {
+	s.pos++ // the opening quote
+	for {
+		// the hot loop: plain string bytes
+		for s.pos < len(s.data) {
+			if c := s.data[s.pos]; c < 0x20 || c == '"' || c == '\\' {
+				break
+			}
+			s.pos++
+		}
+		if s.pos >= len(s.data) {
+			return errInvalidJSON
+		}
+		switch s.data[s.pos] {
+		case '"':
+			s.pos++
+			return nil
+		case '\\':
+			if s.pos+1 >= len(s.data) {
+				return errInvalidJSON
+			}
+			switch s.data[s.pos+1] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+				s.pos += 2
+			case 'u':
+				if s.pos+6 > len(s.data) {
+					return errInvalidJSON
+				}
+				for _, h := range s.data[s.pos+2 : s.pos+6] {
+					if !isHexDigit(h) {
+						return errInvalidJSON
+					}
+				}
+				s.pos += 6
+			default:
+				return errInvalidJSON
+			}
+		default: // a control character
+			return errInvalidJSON
+		}
+	}
+}
+
+func isHexDigit(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
+}
+
+// number validates -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+func (s *jsonScanner) number() error {
+	if s.data[s.pos] == '-' {
+		s.pos++
+	}
+	if s.pos >= len(s.data) {
+		return errInvalidJSON
+	}
+	if s.data[s.pos] == '0' {
+		s.pos++
+	} else if !s.digits() {
+		return errInvalidJSON
+	}
+	if s.pos < len(s.data) && s.data[s.pos] == '.' {
+		s.pos++
+		if !s.digits() {
+			return errInvalidJSON
+		}
+	}
+	if s.pos < len(s.data) && (s.data[s.pos] == 'e' || s.data[s.pos] == 'E') {
+		s.pos++
+		if s.pos < len(s.data) && (s.data[s.pos] == '+' || s.data[s.pos] == '-') {
+			s.pos++
+		}
+		if !s.digits() {
+			return errInvalidJSON
+		}
+	}
+	return nil
+}
+
+// digits consumes one or more decimal digits.
+func (s *jsonScanner) digits() bool {
+	start := s.pos
+	for s.pos < len(s.data) && s.data[s.pos] >= '0' && s.data[s.pos] <= '9' {
+		s.pos++
+	}
+	return s.pos > start
+}
+
+func (s *jsonScanner) literal(lit string) error {
+	if len(s.data)-s.pos < len(lit) || string(s.data[s.pos:s.pos+len(lit)]) != lit {
+		return errInvalidJSON
+	}
+	s.pos += len(lit)
+	return nil
+}

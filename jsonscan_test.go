@@ -1,0 +1,78 @@
+package kaylewebhook
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var jsonSeeds = []string{
+	`{}`, `[]`, `""`, `0`, `-0`, `1.5e+10`, `-1.0E-2`, `true`, `false`, `null`,
+	` {"a" : [1, 2, {"b": null}] } `, `{"type":"x","metadata":{"event_id":"e"}}`,
+	`{"type":"a","type":"b"}`, `{"typ\u0065":"escaped key"}`, `{"TYPE":"case"}`,
+	`"\u00e9\n\t\"\\\/"`, "\"\xff\xfe invalid utf-8\"", `"\ud800"`,
+	// invalid
+	``, ` `, `{`, `}`, `{"a"}`, `{"a":}`, `{"a":1,}`, `[1,]`, `[1 2]`, `{a:1}`, `'a'`,
+	`01`, `1.`, `.5`, `-`, `+1`, `1e`, `1e+`, `0x10`, `NaN`, `tru`, `nulll`, `"a`, `"\x"`,
+	`"\u12"`, `"\u12G4"`, "\"a\x01b\"", `{} {}`, `[] x`, `{"a":1}}`, `{"a" 1}`, "{\"a\":1}\x00",
+}
+
+func TestScanJSONMatchesEncodingJSON(t *testing.T) {
+	for _, s := range jsonSeeds {
+		checkScanJSON(t, []byte(s))
+	}
+	for _, depth := range []int{maxJSONDepth - 1, maxJSONDepth, maxJSONDepth + 1} {
+		checkScanJSON(t, []byte(strings.Repeat("[", depth)+strings.Repeat("]", depth)))
+		checkScanJSON(t, []byte(`{"type":`+strings.Repeat(`{"a":`, depth-1)+"1"+strings.Repeat("}", depth)))
+	}
+	files, _ := filepath.Glob(filepath.Join(vectorsDir, "bodies/*.json"))
+	if len(files) == 0 {
+		t.Fatal("no plaintext vectors")
+	}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkScanJSON(t, data)
+	}
+}
+
+// checkScanJSON compares scanJSON with encoding/json: the same verdict on
+// validity, and for an object the same raw value of "type" and "metadata"
+// (encoding/json's map decoding also compares keys exactly, last one wins).
+func checkScanJSON(t *testing.T, data []byte) {
+	t.Helper()
+	found, err := scanJSON(data, "type", "metadata")
+	if valid := json.Valid(data); valid != (err == nil) {
+		t.Fatalf("%q: encoding/json says valid=%v, scanJSON says %v", data, valid, err)
+	}
+	if err != nil {
+		return
+	}
+	var members map[string]json.RawMessage
+	if json.Unmarshal(data, &members) != nil {
+		if found[0] != nil || found[1] != nil {
+			t.Fatalf("%q: members found in a non-object", data)
+		}
+		return
+	}
+	for i, name := range []string{"type", "metadata"} {
+		if want := members[name]; !bytes.Equal(found[i], want) {
+			t.Fatalf("%q: member %s = %q, encoding/json has %q", data, name, found[i], want)
+		}
+	}
+}
+
+// FuzzScanJSON checks scanJSON against encoding/json on arbitrary input.
+func FuzzScanJSON(f *testing.F) {
+	for _, s := range jsonSeeds {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		checkScanJSON(t, data)
+	})
+}
