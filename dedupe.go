@@ -145,25 +145,45 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 
 	countRequest("forwarded")
 	rec := caddyhttp.NewResponseRecorder(w, nil, nil) // streams; only observes the status
+	returned := false
+	defer func() {
+		// next panicked: reverse_proxy does (http.ErrAbortHandler) when the
+		// response body breaks after the backend's status went out. A 2xx
+		// that went out is still the backend accepting the event.
+		if status := rec.Status(); !returned && status >= 200 && status <= 299 {
+			d.remember(ctx, recordKey, eventHash, eventID, status)
+		}
+	}()
 	nextErr := next.ServeHTTP(rec, r)
+	returned = true
 	status := forwardStatus(rec.Status(), nextErr)
 	if status < 200 || status > 299 {
 		d.logger.Info("backend did not accept the event; not remembered, Kayle will retry",
 			zap.String("event_id", eventID), zap.Int("status", status))
 		return nextErr
 	}
+	d.remember(ctx, recordKey, eventHash, eventID, status)
+	return nextErr
+}
+
+// remember writes the record of an event the backend accepted.
+func (d *deduper) remember(ctx context.Context, recordKey, eventHash, eventID string, status int) {
 	if err := d.commit(ctx, recordKey, eventHash, status); err != nil {
 		// the backend has the event; a later copy may be forwarded again
 		d.logger.Error("event delivered but its dedupe record could not be written; a retry of it would be forwarded again",
 			zap.String("event_id", eventID), zap.Error(err))
 		countRecordWriteFailure()
 	}
-	return nextErr
 }
 
-// forwardStatus is the status the next handler answered with. A handler that
-// returned an error wrote nothing: the status is in the error.
+// forwardStatus is the status the next handler answered with. Once a status
+// was written it is what the client got, even if next then returned an
+// error. A handler that returned an error and wrote nothing has the status
+// in the error.
 func forwardStatus(recorded int, err error) int {
+	if recorded >= 200 {
+		return recorded
+	}
 	if err != nil {
 		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
 			return he.StatusCode
@@ -244,7 +264,13 @@ func (d *deduper) lock(ctx context.Context, name string) error {
 
 func (d *deduper) unlock(name string) {
 	d.mu.Lock()
-	if d.held[name]--; d.held[name] <= 0 {
+	if d.held[name] == 0 {
+		// releaseAll (Cleanup) released it already, and storage Unlock does
+		// not check the owner: the lock may be another instance's by now
+		d.mu.Unlock()
+		return
+	}
+	if d.held[name]--; d.held[name] == 0 {
 		delete(d.held, name)
 	}
 	d.mu.Unlock()
@@ -314,7 +340,9 @@ func (d *deduper) sweep(ctx context.Context) error {
 	}
 	keys, err := d.storage.List(ctx, d.prefix, true)
 	if errors.Is(err, fs.ErrNotExist) {
-		keys, err = nil, nil
+		// no prefix yet, or (file_system) a temp file renamed during the
+		// walk: the keys listed so far are still good
+		err = nil
 	}
 	if err != nil {
 		return err

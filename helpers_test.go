@@ -181,9 +181,20 @@ type served struct {
 	Status int
 }
 
+// testWaitBound bounds the waits in tests: it only turns a hang (a lock
+// never released) into a failure; nothing waits on it in a passing run.
+const testWaitBound = time.Minute
+
 // serve runs one request through h as Caddy's server would, with next as the
-// rest of the route. It is safe to call from many goroutines at once.
+// rest of the route. A request without a deadline gets testWaitBound, so a
+// copy stuck on a dedupe lock ends with a 503 instead of hanging the suite.
+// It is safe to call from many goroutines at once.
 func serve(h caddyhttp.MiddlewareHandler, r *http.Request, next caddyhttp.Handler) served {
+	if _, ok := r.Context().Deadline(); !ok {
+		ctx, cancel := context.WithTimeout(r.Context(), testWaitBound)
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
 	rec := httptest.NewRecorder()
 	r, repl := prepareTestRequest(r, rec)
 	err := h.ServeHTTP(rec, r, next)
