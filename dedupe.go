@@ -326,9 +326,13 @@ func (d *deduper) sweep(ctx context.Context) error {
 	lockName := "kayle_webhook_sweep_" + hashHex(d.prefix)[:32]
 	lockCtx, cancel := context.WithTimeout(ctx, sweepLockWait)
 	err := d.lock(lockCtx, lockName)
+	gaveUp := lockCtx.Err() != nil
 	cancel()
+	if err != nil && gaveUp {
+		return nil // another instance holds it and is sweeping (or Caddy is stopping)
+	}
 	if err != nil {
-		return nil // another instance holds it and is sweeping
+		return fmt.Errorf("taking the sweep lock: %w", err)
 	}
 	defer d.unlock(lockName)
 
@@ -370,16 +374,21 @@ func (d *deduper) sweep(ctx context.Context) error {
 	return d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
 }
 
-// expired reports whether key is a file (never a folder: deleting a folder
-// key deletes its contents) older than cutoff. A record's own time decides;
-// anything else under the prefix (a temp file a crash left) goes by its
-// modification time.
+// expired reports whether key is one of ours and older than cutoff: a record
+// (by its own time), or a temp file a crashed Store left in a record folder
+// (by its modification time). Anything else under the prefix is left alone,
+// and so is a folder: deleting a folder key deletes its contents.
 func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bool, error) {
+	name := path.Base(key)
+	isRecord := isRecordName(name)
+	if !isRecord && !d.isStrayTempFile(key) {
+		return false, nil
+	}
 	info, err := d.storage.Stat(ctx, key)
 	if err != nil || !info.IsTerminal {
 		return false, err
 	}
-	if isRecordName(path.Base(key)) {
+	if isRecord {
 		data, err := d.storage.Load(ctx, key)
 		if err != nil {
 			return false, err
@@ -392,16 +401,33 @@ func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bo
 	return !info.Modified.IsZero() && info.Modified.Before(cutoff), nil
 }
 
-func isRecordName(name string) bool {
-	if len(name) != 2*sha256.Size {
+// isStrayTempFile reports whether key looks like file_system's temp file
+// (os.CreateTemp's decimal name) inside one of our record folders.
+func (d *deduper) isStrayTempFile(key string) bool {
+	dir, name := path.Split(key)
+	shard := path.Base(dir)
+	if path.Dir(path.Clean(dir)) != d.prefix || len(shard) != 2 || !isLowerHex(shard) || name == "" {
 		return false
 	}
 	for i := 0; i < len(name); i++ {
-		if c := name[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+		if name[i] < '0' || name[i] > '9' {
 			return false
 		}
 	}
 	return true
+}
+
+func isLowerHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func isRecordName(name string) bool {
+	return len(name) == 2*sha256.Size && isLowerHex(name)
 }
 
 func hashHex(s string) string {

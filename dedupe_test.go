@@ -1073,6 +1073,7 @@ type sweepFixture struct {
 	expiredIDs, freshIDs []string
 	oldStray, newStray   string // keys
 	folderFile           string // a fresh file in a subfolder with an old time
+	foreign              []string // old files that are not ours: never swept
 }
 
 // modTimer sets a key's modification time.
@@ -1123,6 +1124,14 @@ func newSweepFixture(t *testing.T, st certmagic.Storage, now time.Time) sweepFix
 	f.oldStray = path.Join(testPrefix, "0f", "2367183409") // os.CreateTemp's naming
 	f.newStray = path.Join(testPrefix, "0f", "981276354")
 	f.folderFile = path.Join(testPrefix, "0f", "sub", "keep")
+	// a prefix pointed at a folder that holds other data must not lose it
+	f.foreign = []string{path.Join(testPrefix, "notes.txt"), path.Join(testPrefix, "0f", "readme"), path.Join(testPrefix, "12345")}
+	for _, key := range f.foreign {
+		if err := st.Store(ctx, key, []byte("not ours")); err != nil {
+			t.Fatal(err)
+		}
+		setMod(t, key, now.Add(-2*defaultDedupeWindow))
+	}
 	for key, mod := range map[string]time.Time{
 		f.oldStray:   now.Add(-defaultDedupeWindow - time.Minute),
 		f.newStray:   now.Add(-time.Minute),
@@ -1168,7 +1177,7 @@ func (f sweepFixture) assertSwept(t *testing.T, d *deduper) {
 	if _, err := d.storage.Stat(ctx, f.oldStray); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("old stray temp file survived the sweep (%v)", err)
 	}
-	for _, key := range []string{f.newStray, f.folderFile} {
+	for _, key := range append([]string{f.newStray, f.folderFile}, f.foreign...) {
 		if _, err := d.storage.Stat(ctx, key); err != nil {
 			t.Errorf("%s: %v; want it kept", key, err)
 		}
@@ -1353,6 +1362,18 @@ func TestSweepStorageFailures(t *testing.T) {
 			}
 		}
 		assertNoLocks(t, d)
+	})
+
+	t.Run("Lock fails: an error to log, not a silent skip", func(t *testing.T) {
+		st := newMemStorage()
+		d := newTestDeduper(st, newTestClock(testEpoch))
+		st.fail("Lock", errInjected)
+		if err := d.sweep(context.Background()); !errors.Is(err, errInjected) {
+			t.Errorf("sweep = %v, want the Lock error", err)
+		}
+		if n := st.callCount("List"); n != 0 {
+			t.Errorf("swept without the lock (%d List calls)", n)
+		}
 	})
 
 	t.Run("List fails: an error, no marker, tried again next time", func(t *testing.T) {
