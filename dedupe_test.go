@@ -1071,8 +1071,8 @@ func TestDedupeExpiredRecordIgnored(t *testing.T) {
 // certmagic's atomic Store leaves after a crash) old and new, and folders.
 type sweepFixture struct {
 	expiredIDs, freshIDs []string
-	oldStray, newStray   string // keys
-	folderFile           string // a fresh file in a subfolder with an old time
+	oldStray, newStray   string   // keys
+	folderFile           string   // a fresh file in a subfolder with an old time
 	foreign              []string // old files that are not ours: never swept
 }
 
