@@ -2,6 +2,7 @@ package kaylewebhook
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -262,5 +263,34 @@ func TestErrorsAreHandlerErrors(t *testing.T) {
 	res := serve(h, deliveryRequest([]byte("x"), "t=1,v1=00"), &testBackend{})
 	if _, ok := res.Err.(caddyhttp.HandlerError); !ok {
 		t.Fatalf("%T", res.Err)
+	}
+}
+
+// TestMetricsSurviveReload: each config load has a fresh registry; the
+// counters must be registered into every one of them, not just the first.
+func TestMetricsSurviveReload(t *testing.T) {
+	for load := range 2 {
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		h := &Handler{
+			SigningSecrets: []string{demoSecret(t)},
+			DecryptionKeys: []KeyFile{{KeyID: demoKID, File: demoKeyFile}},
+			DedupeDisabled: true,
+		}
+		if err := h.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		serve(h, httptest.NewRequest(http.MethodGet, "/", nil), &testBackend{})
+		families, err := ctx.GetMetricsRegistry().Gather()
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, mf := range families {
+			found = found || mf.GetName() == "caddy_kayle_webhook_requests_total"
+		}
+		if !found {
+			t.Errorf("load %d: caddy_kayle_webhook_requests_total is not in the config's registry", load+1)
+		}
 	}
 }
