@@ -31,7 +31,13 @@ const (
 	// sweepLockWait is how long an instance waits for the sweep lock before
 	// assuming another instance is sweeping.
 	sweepLockWait = 5 * time.Second
-	recordVersion = 1
+	// forwardTimeout bounds a forward, which no longer ends with the sender's
+	// connection (see deliverOnce). Kayle itself waits only a few seconds.
+	forwardTimeout = 2 * time.Minute
+	// statusClientClosedRequest is the de facto status (nginx, Caddy) for a
+	// request whose client went away; nobody receives it.
+	statusClientClosedRequest = 499
+	recordVersion             = 1
 )
 
 // deduper forwards each event once across every Caddy instance sharing its
@@ -120,11 +126,14 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 
 	releaseClaim, err := inProcessClaims.acquire(ctx, recordKey)
 	if err != nil {
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("waiting for another copy of event %s: %w", eventID, err))
+		return d.clientGone(eventID, err)
 	}
 	defer releaseClaim()
 
 	if err := d.lock(ctx, lockName); err != nil {
+		if ctx.Err() != nil {
+			return d.clientGone(eventID, err)
+		}
 		d.logger.Error("dedupe storage lock failed; answering 503 so Kayle retries",
 			zap.String("event_id", eventID), zap.Error(err))
 		countRequest("storage_unavailable")
@@ -144,6 +153,12 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	}
 
 	countRequest("forwarded")
+	// Kayle hangs up after a few seconds. The forward goes on without it, so
+	// a slow backend's 2xx is still seen and remembered and Kayle's retry is
+	// answered as a duplicate, instead of reaching the backend again.
+	fwdCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), forwardTimeout)
+	defer cancel()
+	r = r.WithContext(fwdCtx)
 	rec := caddyhttp.NewResponseRecorder(w, nil, nil) // streams; only observes the status
 	returned := false
 	defer func() {
@@ -174,6 +189,15 @@ func (d *deduper) remember(ctx context.Context, recordKey, eventHash, eventID st
 			zap.String("event_id", eventID), zap.Error(err))
 		countRecordWriteFailure()
 	}
+}
+
+// clientGone ends a copy whose sender hung up while another copy of the
+// event was being handled: routine when the backend is slow, not a fault.
+func (d *deduper) clientGone(eventID string, err error) error {
+	d.logger.Info("sender gone while another copy of the event was being handled",
+		zap.String("event_id", eventID), zap.Error(err))
+	countRequest("client_gone")
+	return caddyhttp.Error(statusClientClosedRequest, fmt.Errorf("waiting for another copy of event %s: %w", eventID, err))
 }
 
 // forwardStatus is the status the next handler answered with. Once a status
@@ -379,8 +403,7 @@ func (d *deduper) sweep(ctx context.Context) error {
 // (by its modification time). Anything else under the prefix is left alone,
 // and so is a folder: deleting a folder key deletes its contents.
 func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bool, error) {
-	name := path.Base(key)
-	isRecord := isRecordName(name)
+	isRecord := d.isRecordKey(key)
 	if !isRecord && !d.isStrayTempFile(key) {
 		return false, nil
 	}
@@ -399,6 +422,13 @@ func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bo
 		}
 	}
 	return !info.Modified.IsZero() && info.Modified.Before(cutoff), nil
+}
+
+// isRecordKey reports whether key is prefix/<hh>/<hash> as eventKeys makes
+// it. Records of a nested prefix (another endpoint's) are not ours to expire.
+func (d *deduper) isRecordKey(key string) bool {
+	dir, name := path.Split(key)
+	return isRecordName(name) && path.Clean(dir) == path.Join(d.prefix, name[:2])
 }
 
 // isStrayTempFile reports whether key looks like file_system's temp file

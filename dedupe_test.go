@@ -809,15 +809,25 @@ func TestDedupeCleanupReleasesLocks(t *testing.T) {
 	assertNoLocks(t, d)
 
 	t.Run("Handler.Cleanup", func(t *testing.T) {
-		h := &Handler{dedupe: newTestDeduper(st, newTestClock(testEpoch))}
+		exiting := false
+		h := &Handler{dedupe: newTestDeduper(st, newTestClock(testEpoch)), exiting: func() bool { return exiting }}
 		if err := h.dedupe.lock(context.Background(), "kayle_webhook_event_x"); err != nil {
 			t.Fatal(err)
 		}
+		// a reload: Caddy does not wait for the old config's requests, so
+		// their locks stay theirs to release
+		if err := h.Cleanup(); err != nil {
+			t.Fatal(err)
+		}
+		if held := st.heldLocks(); !slices.Equal(held, []string{"kayle_webhook_event_x"}) {
+			t.Errorf("Cleanup on a reload released an in-flight lock: held = %v", held)
+		}
+		exiting = true
 		if err := h.Cleanup(); err != nil {
 			t.Fatal(err)
 		}
 		if held := st.heldLocks(); len(held) > 0 {
-			t.Errorf("after Handler.Cleanup: locks still held: %v", held)
+			t.Errorf("after Handler.Cleanup at exit: locks still held: %v", held)
 		}
 		if err := (&Handler{}).Cleanup(); err != nil { // dedupe off
 			t.Error(err)
@@ -1713,5 +1723,105 @@ func BenchmarkDedupeReferenceDecryptRSA4096(b *testing.B) {
 		if _, _, err := kr.decrypt(body); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestForwardOutlivesTheSender: Kayle hangs up after a few seconds; a slow
+// backend's 2xx must still be remembered so the retry is a duplicate.
+func TestForwardOutlivesTheSender(t *testing.T) {
+	d := newTestDeduper(newMemStorage(), newTestClock(testEpoch))
+	ctx, hangUp := context.WithCancel(context.Background())
+	inBackend, finish := make(chan struct{}), make(chan struct{})
+	backendCtxErr := make(chan error, 1)
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, r *http.Request) error {
+		close(inBackend)
+		<-finish
+		backendCtxErr <- r.Context().Err()
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}}
+	done := make(chan error, 1)
+	go func() {
+		rec := httptest.NewRecorder()
+		r, _ := prepareTestRequest(httptest.NewRequestWithContext(ctx, http.MethodPost, "/", strings.NewReader("{}")), rec)
+		done <- d.deliverOnce(rec, r, backend, "evt_slow")
+	}()
+	waitFor(t, inBackend, "the backend to be called")
+	hangUp()
+	close(finish)
+	if err := waitFor(t, backendCtxErr, "the backend to answer"); err != nil {
+		t.Errorf("the forward was cancelled with the sender: %v", err)
+	}
+	if err := waitFor(t, done, "the forward"); err != nil {
+		t.Fatal(err)
+	}
+	if !hasRecord(d, "evt_slow") {
+		t.Fatal("a 2xx after the sender hung up was not remembered")
+	}
+	if res := deliverEvent(d, "evt_slow", backend); res.Rec.Header().Get(HeaderDuplicate) != "true" || backend.Calls() != 1 {
+		t.Errorf("retry: status %d, %d forwards", res.Status, backend.Calls())
+	}
+}
+
+// TestSenderGoneWhileWaiting: a copy whose sender hangs up while another
+// copy holds the event is not a storage failure.
+func TestSenderGoneWhileWaiting(t *testing.T) {
+	st := newMemStorage()
+	d := newTestDeduper(st, newTestClock(testEpoch))
+	_, _, lockName := d.eventKeys("evt_busy")
+	if err := st.Lock(context.Background(), lockName); err != nil { // another instance forwards it
+		t.Fatal(err)
+	}
+	defer st.Unlock(context.Background(), lockName)
+	unavailable := counterValue(t, requestsTotal.WithLabelValues("storage_unavailable"))
+	gone := counterValue(t, requestsTotal.WithLabelValues("client_gone"))
+
+	ctx, hangUp := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		rec := httptest.NewRecorder()
+		r, _ := prepareTestRequest(httptest.NewRequestWithContext(ctx, http.MethodPost, "/", strings.NewReader("{}")), rec)
+		done <- d.deliverOnce(rec, r, &testBackend{}, "evt_busy")
+	}()
+	waitFor(t, st.lockWaits, "the copy to wait on the storage lock")
+	hangUp()
+	err := waitFor(t, done, "the waiting copy")
+	if he, ok := errors.AsType[caddyhttp.HandlerError](err); !ok || he.StatusCode != statusClientClosedRequest {
+		t.Errorf("got %v, want a %d", err, statusClientClosedRequest)
+	}
+	if counterValue(t, requestsTotal.WithLabelValues("storage_unavailable")) != unavailable {
+		t.Error("counted as storage_unavailable")
+	}
+	if counterValue(t, requestsTotal.WithLabelValues("client_gone")) != gone+1 {
+		t.Error("not counted as client_gone")
+	}
+}
+
+// TestSweepLeavesNestedPrefixes: with prefixes kayle and kayle/ep2 (two
+// endpoints, as the README advises), kayle's sweep leaves ep2's records.
+func TestSweepLeavesNestedPrefixes(t *testing.T) {
+	st := newMemStorage()
+	old := testEpoch.Add(-2 * defaultDedupeWindow)
+	parent := newDeduper(st, "kayle", defaultDedupeWindow, zap.NewNop(), newTestClock(testEpoch).Now)
+	child := newDeduper(st, "kayle/ep2", 30*24*time.Hour, zap.NewNop(), newTestClock(old).Now)
+	oldParent := newDeduper(st, "kayle", defaultDedupeWindow, zap.NewNop(), newTestClock(old).Now)
+	for _, dd := range []*deduper{child, oldParent} {
+		hash, key, _ := dd.eventKeys("evt_1")
+		if err := dd.commit(context.Background(), key, hash, http.StatusOK); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := parent.sweep(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if hasRecord(parent, "evt_1") {
+		t.Error("the parent's expired record survived")
+	}
+	if !hasRecord(child, "evt_1") {
+		t.Error("the parent's sweep deleted a record of the nested prefix")
+	}
+	_, key, _ := child.eventKeys("evt_1")
+	if !strings.HasPrefix(key, "kayle/ep2/") || path.Base(path.Dir(key)) != path.Base(key)[:2] {
+		t.Errorf("record key %s", key)
 	}
 }

@@ -2,6 +2,7 @@ package kaylewebhook
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -24,17 +25,18 @@ var (
 	})
 )
 
-func registerMetrics(registry *prometheus.Registry) {
+func registerMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
-		return
+		return nil
 	}
 	for _, c := range []prometheus.Collector{requestsTotal, recordWriteFailuresTotal} {
 		if err := registry.Register(c); err != nil {
 			if _, already := errors.AsType[prometheus.AlreadyRegisteredError](err); !already {
-				panic(err)
+				return fmt.Errorf("registering metrics: %w", err)
 			}
 		}
 	}
+	return nil
 }
 
 func countRequest(outcome string) { requestsTotal.WithLabelValues(outcome).Inc() }

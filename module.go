@@ -5,10 +5,10 @@
 package kaylewebhook
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"time"
 
@@ -39,6 +39,8 @@ const (
 	minDedupeWindow     = 8 * 24 * time.Hour
 	defaultDedupePrefix = "kayle_webhook/events"
 	minSecretLen        = 16
+	// initialBodyBuffer caps what a declared Content-Length preallocates.
+	initialBodyBuffer = 64 << 10
 )
 
 // Handler receives Kayle ID webhook deliveries. For each POST it verifies
@@ -100,6 +102,7 @@ type Handler struct {
 	dedupe    *deduper
 	logger    *zap.Logger
 	now       func() time.Time
+	exiting   func() bool
 }
 
 // KeyFile names a private key file and the kid Kayle knows it by.
@@ -125,6 +128,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.now == nil {
 		h.now = time.Now
 	}
+	if h.exiting == nil {
+		h.exiting = caddy.Exiting
+	}
 	h.tolerance = time.Duration(h.Tolerance)
 	if h.tolerance == 0 {
 		h.tolerance = defaultTolerance
@@ -139,7 +145,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionKeys(repl); err != nil {
 		return err
 	}
-	registerMetrics(ctx.GetMetricsRegistry())
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
 	if h.DedupeDisabled {
 		return nil
 	}
@@ -149,10 +157,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
 	h.secrets = h.secrets[:0]
 	for i, raw := range h.SigningSecrets {
-		// errors name the placeholder at most, never the value
 		secret, err := repl.ReplaceOrErr(raw, true, true)
 		if err != nil {
-			return fmt.Errorf("signing secret #%d: %v", i+1, err)
+			// not err itself: it quotes the {…} it stopped at, which in a
+			// literal secret would be part of the secret
+			return fmt.Errorf("signing secret #%d: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{'", i+1)
 		}
 		if len(secret) < minSecretLen {
 			return fmt.Errorf("signing secret #%d is %d bytes after placeholders; at least %d are required (Kayle's are whsec_ and 32 more)", i+1, len(secret), minSecretLen)
@@ -248,9 +257,12 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// Cleanup releases the storage locks this handler still holds.
+// Cleanup releases the storage locks this handler still holds when Caddy
+// exits. On a reload it leaves them: requests of the old config may still be
+// forwarding (Caddy does not wait for them), and each releases its own lock;
+// releasing it under them would let another instance forward a duplicate.
 func (h *Handler) Cleanup() error {
-	if h.dedupe != nil {
+	if h.dedupe != nil && h.exiting != nil && h.exiting() {
 		h.dedupe.releaseAll()
 	}
 	return nil
@@ -301,7 +313,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(http.StatusUnprocessableEntity, "payload", err, deliveryID)
 	}
 
-	rewriteRequest(r, repl, plaintext, ev, kid, sig)
+	rewriteRequest(r, repl, plaintext, ev, kid, deliveryID, sig)
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
 		extra.Add(zap.String("kayle_event_id", ev.ID))
 	}
@@ -338,15 +350,13 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 	// and drain or drop the connection, or it would parse the rest as the
 	// next request. (Caddy's wrapped writer hides MaxBytesReader's signal.)
 	body := http.MaxBytesReader(w, r.Body, limit)
-	if r.ContentLength > 0 {
-		// net/http stops the body at Content-Length, so one exact read suffices
-		buf := make([]byte, r.ContentLength)
-		if _, err := io.ReadFull(body, buf); err != nil {
-			return nil, err
-		}
-		return buf, nil
+	// Memory grows with the bytes that arrive, not with what Content-Length
+	// promises: a client declaring 4 MiB and sending nothing pins little.
+	buf := bytes.NewBuffer(make([]byte, 0, min(max(r.ContentLength, 0), initialBodyBuffer)+bytes.MinRead))
+	if _, err := buf.ReadFrom(body); err != nil {
+		return nil, err
 	}
-	return io.ReadAll(body)
+	return buf.Bytes(), nil
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

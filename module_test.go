@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -292,5 +293,76 @@ func TestMetricsSurviveReload(t *testing.T) {
 		if !found {
 			t.Errorf("load %d: caddy_kayle_webhook_requests_total is not in the config's registry", load+1)
 		}
+	}
+}
+
+// TestReadBodyDoesNotTrustContentLength: a declared length preallocates
+// nothing large before the bytes arrive (an unauthenticated client could
+// otherwise pin max_body_size per connection by sending nothing).
+func TestReadBodyDoesNotTrustContentLength(t *testing.T) {
+	const declared = 4 << 20
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for range 20 {
+		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("tiny"))
+		r.ContentLength = declared
+		body, err := readBody(httptest.NewRecorder(), r, declared)
+		if err != nil || string(body) != "tiny" {
+			t.Fatalf("%q %v", body, err)
+		}
+	}
+	runtime.ReadMemStats(&after)
+	if allocated := after.TotalAlloc - before.TotalAlloc; allocated > declared {
+		t.Errorf("20 tiny bodies declaring 4 MiB allocated %d bytes", allocated)
+	}
+}
+
+// TestRewriteDropsExpectAndUnsafeDeliveryID: the backend gets no Expect
+// (the body is already read; its 100 Continue would reach Kayle), and the
+// delivery id only as one value that is safe to log.
+func TestRewriteDropsExpectAndUnsafeDeliveryID(t *testing.T) {
+	h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = true })
+	for name, ids := range map[string][]string{
+		"two values":   {"whd_a", "whd_b"},
+		"too long":     {strings.Repeat("w", maxIDLen+1)},
+		"control char": {"whd_\x01"},
+	} {
+		backend := &testBackend{}
+		req := makeDelivery(t, eventPayload("evt_"+strings.ReplaceAll(name, " ", "_")), time.Now())
+		req.Header.Set("Expect", "100-continue")
+		req.Header[HeaderDeliveryID] = ids
+		if res := serve(h, req, backend); res.Status != http.StatusOK {
+			t.Fatalf("%s: %d %v", name, res.Status, res.Err)
+		}
+		got := backend.Request(0).Header
+		if got.Get("Expect") != "" {
+			t.Errorf("%s: Expect forwarded", name)
+		}
+		want := []string(nil)
+		if name == "two values" {
+			want = []string{"whd_a"}
+		}
+		if v := got.Values(HeaderDeliveryID); strings.Join(v, "|") != strings.Join(want, "|") {
+			t.Errorf("%s: %s = %q, want %q", name, HeaderDeliveryID, v, want)
+		}
+	}
+}
+
+// TestLiteralSecretWithBraceIsNotEchoed: a literal secret is read as a
+// template; the refusal must not quote it.
+func TestLiteralSecretWithBraceIsNotEchoed(t *testing.T) {
+	const secret = "whsec_ab{cdSECRETxyz}0123456789"
+	h := &Handler{
+		SigningSecrets: []string{secret},
+		DecryptionKeys: []KeyFile{{KeyID: demoKID, File: demoKeyFile}},
+		DedupeDisabled: true,
+	}
+	err := provisionTestHandler(t, h)
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	if strings.Contains(err.Error(), "SECRET") {
+		t.Errorf("the error quotes the secret: %v", err)
 	}
 }

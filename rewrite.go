@@ -43,7 +43,7 @@ func isGatewayHeader(name string) bool {
 
 // rewriteRequest turns the verified delivery into the plaintext request the
 // next handler sees, and publishes the ids as placeholders.
-func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev event, kid string, sig signature) {
+func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev event, kid, deliveryID string, sig signature) {
 	for name := range r.Header {
 		if isGatewayHeader(name) {
 			delete(r.Header, name)
@@ -53,6 +53,7 @@ func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev 
 	// the body is no longer the one the encoding headers described
 	h.Del("Content-Encoding")
 	h.Del("Transfer-Encoding")
+	h.Del("Expect") // the body is here already; a 100 Continue would reach Kayle
 	r.TransferEncoding = nil
 	r.Trailer = nil
 	h.Set("Content-Type", "application/json")
@@ -70,6 +71,12 @@ func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev 
 	setIfPresent(h, HeaderKeyID, kid)
 	h.Set(HeaderSignatureTimestamp, sig.timestamp)
 	h.Set(HeaderVerified, "true")
+	// informative only; one value, and only one that is safe to log
+	if deliveryID == "" {
+		h.Del(HeaderDeliveryID)
+	} else {
+		h.Set(HeaderDeliveryID, deliveryID)
+	}
 
 	repl.Set("http.kayle.event_id", ev.ID)
 	repl.Set("http.kayle.event_type", ev.Type)

@@ -89,7 +89,7 @@ func parseSignature(header string) (signature, error) {
 }
 
 // parseUnixSeconds accepts only plain decimal digits: no sign, no spaces, no
-// exponent, so one timestamp has exactly one spelling.
+// exponent. (Leading zeros pass; the MAC covers t exactly as sent.)
 func parseUnixSeconds(s string) (int64, error) {
 	if s == "" || len(s) > 12 {
 		return 0, fmt.Errorf("%w: t is not a Unix time in seconds", errSignatureFormat)
