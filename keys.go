@@ -19,16 +19,12 @@ const minRSABits = 2048
 // loadPrivateKeyFile reads one RSA private key: PEM (PKCS#8 or PKCS#1) or a
 // JWK. The kid in a JWK, if any, is returned so a mismatch can be refused.
 func loadPrivateKeyFile(path string) (key *rsa.PrivateKey, jwkKID string, err error) {
-	data, err := os.ReadFile(path)
+	data, jwk, err := readKeyFile(path)
 	if err != nil {
 		return nil, "", err
 	}
-	if isJSON(data) {
-		var jwk jose.JSONWebKey
-		if err := json.Unmarshal(data, &jwk); err != nil {
-			return nil, "", fmt.Errorf("%s: not a valid JWK: %v", path, jsonErrorWithoutInput(err))
-		}
-		key, err := privateKeyFromJWK(jwk)
+	if jwk != nil {
+		key, err := privateKeyFromJWK(*jwk)
 		if err != nil {
 			return nil, "", fmt.Errorf("%s: %v", path, err)
 		}
@@ -39,6 +35,19 @@ func loadPrivateKeyFile(path string) (key *rsa.PrivateKey, jwkKID string, err er
 		return nil, "", fmt.Errorf("%s: %v", path, err)
 	}
 	return key, "", nil
+}
+
+// readKeyFile reads a key file and, when it is JSON, parses it as a JWK.
+func readKeyFile(path string) (data []byte, jwk *jose.JSONWebKey, err error) {
+	data, err = os.ReadFile(path)
+	if err != nil || !isJSON(data) {
+		return data, nil, err
+	}
+	jwk = new(jose.JSONWebKey)
+	if err := json.Unmarshal(data, jwk); err != nil {
+		return nil, nil, fmt.Errorf("%s: not a valid JWK: %v", path, jsonErrorWithoutInput(err))
+	}
+	return data, jwk, nil
 }
 
 // loadJWKSFile reads a JWKS of RSA private keys; every key must carry a kid.
@@ -145,15 +154,11 @@ func jsonErrorWithoutInput(err error) error {
 // public key (PEM "PUBLIC KEY" or "RSA PUBLIC KEY", or a JWK) or a private
 // key (PEM or JWK), whose public half is used. A JWK's kid is returned.
 func LoadPublicKeyFile(path string) (pub *rsa.PublicKey, jwkKID string, err error) {
-	data, err := os.ReadFile(path)
+	data, jwk, err := readKeyFile(path)
 	if err != nil {
 		return nil, "", err
 	}
-	if isJSON(data) {
-		var jwk jose.JSONWebKey
-		if err := json.Unmarshal(data, &jwk); err != nil {
-			return nil, "", fmt.Errorf("%s: not a valid JWK: %v", path, jsonErrorWithoutInput(err))
-		}
+	if jwk != nil {
 		switch k := jwk.Key.(type) {
 		case *rsa.PublicKey:
 			return k, jwk.KeyID, nil

@@ -88,52 +88,43 @@ func TestFailedForwardIsNotRemembered(t *testing.T) {
 	gw := h.gateway(be)
 	h.load(gw.caddyfile())
 
-	t.Run("backend answers 500", func(t *testing.T) {
-		h := h.sub(t)
-		ev := newEvent(t, nil)
-		be.mu.Lock()
-		be.respond = func(w http.ResponseWriter, r *http.Request, n int) {
-			if r.Header.Get(kaylewebhook.HeaderEventID) == ev.id && n == 1 {
-				http.Error(w, "database unavailable", http.StatusInternalServerError)
-				return
+	failures := []struct {
+		name       string
+		fail       func(w http.ResponseWriter) // the backend's first answer
+		wantStatus int                         // what Kayle gets for it
+	}{
+		{"backend answers 500", func(w http.ResponseWriter) {
+			http.Error(w, "database unavailable", http.StatusInternalServerError)
+		}, http.StatusInternalServerError},
+		{"backend drops the connection", func(w http.ResponseWriter) {
+			if conn, _, err := http.NewResponseController(w).Hijack(); err == nil {
+				conn.Close() // no answer at all
 			}
-			w.Header().Set("Content-Type", "application/json")
-			_, _ = w.Write([]byte(`{"received":true}`))
-		}
-		be.mu.Unlock()
-
-		h.expect(deliver(t, gw.url(), ev), http.StatusInternalServerError)
-		h.expectForwarded(deliver(t, gw.url(), ev))
-		h.expectDuplicate(deliver(t, gw.url(), ev), ev.id)
-		if n := be.count(ev.id); n != 2 {
-			t.Errorf("backend got the event %d times, want 2 (the failed forward and the retry)", n)
-		}
-	})
-
-	t.Run("backend drops the connection", func(t *testing.T) {
-		h := h.sub(t)
-		ev := newEvent(t, nil)
-		be.mu.Lock()
-		be.respond = func(w http.ResponseWriter, r *http.Request, n int) {
-			if r.Header.Get(kaylewebhook.HeaderEventID) == ev.id && n == 1 {
-				conn, _, err := http.NewResponseController(w).Hijack()
-				if err == nil {
-					conn.Close() // no answer at all
+		}, http.StatusBadGateway},
+	}
+	for _, f := range failures {
+		t.Run(f.name, func(t *testing.T) {
+			h := h.sub(t)
+			ev := newEvent(t, nil)
+			be.mu.Lock()
+			be.respond = func(w http.ResponseWriter, r *http.Request, n int) {
+				if r.Header.Get(kaylewebhook.HeaderEventID) == ev.id && n == 1 {
+					f.fail(w)
+					return
 				}
-				return
+				w.Header().Set("Content-Type", "application/json")
+				_, _ = w.Write([]byte(`{"received":true}`))
 			}
-			w.Header().Set("Content-Type", "application/json")
-			_, _ = w.Write([]byte(`{"received":true}`))
-		}
-		be.mu.Unlock()
+			be.mu.Unlock()
 
-		h.expect(deliver(t, gw.url(), ev), http.StatusBadGateway)
-		h.expectForwarded(deliver(t, gw.url(), ev))
-		h.expectDuplicate(deliver(t, gw.url(), ev), ev.id)
-		if n := be.count(ev.id); n != 2 {
-			t.Errorf("backend got the event %d times, want 2 (the failed forward and the retry)", n)
-		}
-	})
+			h.expect(deliver(t, gw.url(), ev), f.wantStatus)
+			h.expectForwarded(deliver(t, gw.url(), ev))
+			h.expectDuplicate(deliver(t, gw.url(), ev), ev.id)
+			if n := be.count(ev.id); n != 2 {
+				t.Errorf("backend got the event %d times, want 2 (the failed forward and the retry)", n)
+			}
+		})
+	}
 }
 
 // Copies of one event arriving at once at one Caddy reach the backend once;
