@@ -149,6 +149,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if h.DedupeDisabled {
+		if h.StorageRaw != nil || h.DedupeWindow != 0 || h.DedupePrefix != "" {
+			h.logger.Warn("dedupe is off: storage, dedupe_window and dedupe_prefix are ignored")
+		}
 		return nil
 	}
 	return h.provisionDedupe(ctx)
