@@ -28,7 +28,11 @@ func buildCaddy(t *testing.T) string {
 	buildOnce.Do(func() {
 		start := time.Now()
 		bin := filepath.Join(scratch, "caddy")
-		cmd := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
+		args := []string{"build", "-o", bin}
+		if raceBuild {
+			args = append(args, "-race")
+		}
+		cmd := exec.Command("go", append(args, "./cmd/caddy")...)
 		cmd.Dir = ".." // the module root
 		out, err := cmd.CombinedOutput()
 		if err != nil {
