@@ -169,9 +169,8 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 			d.remember(ctx, recordKey, eventHash, eventID, status)
 		}
 	}()
-	nextErr := next.ServeHTTP(rec, r)
+	status, nextErr := forward(rec, r, next)
 	returned = true
-	status := forwardStatus(rec.Status(), nextErr)
 	if status < 200 || status > 299 {
 		d.logger.Info("backend did not accept the event; not remembered, Kayle will retry",
 			zap.String("event_id", eventID), zap.Int("status", status))
@@ -198,26 +197,6 @@ func (d *deduper) clientGone(eventID string, err error) error {
 		zap.String("event_id", eventID), zap.Error(err))
 	countRequest("client_gone")
 	return caddyhttp.Error(statusClientClosedRequest, fmt.Errorf("waiting for another copy of event %s: %w", eventID, err))
-}
-
-// forwardStatus is the status the next handler answered with. Once a status
-// was written it is what the client got, even if next then returned an
-// error. A handler that returned an error and wrote nothing has the status
-// in the error.
-func forwardStatus(recorded int, err error) int {
-	if recorded >= 200 {
-		return recorded
-	}
-	if err != nil {
-		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
-			return he.StatusCode
-		}
-		return http.StatusInternalServerError
-	}
-	if recorded == 0 {
-		return http.StatusOK // nothing written: net/http sends 200
-	}
-	return recorded
 }
 
 func (d *deduper) answerDuplicate(w http.ResponseWriter, r *http.Request, eventID string) error {

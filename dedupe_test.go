@@ -777,9 +777,10 @@ func TestDedupeCleanupReleasesLocks(t *testing.T) {
 	_, _, lockName := d.eventKeys(id)
 
 	inBackend, release := make(chan struct{}), make(chan struct{})
-	backend := &testBackend{Respond: func(int, http.ResponseWriter, *http.Request) error {
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
 		close(inBackend)
 		<-release
+		w.WriteHeader(http.StatusOK)
 		return nil
 	}}
 	done := make(chan served)

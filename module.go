@@ -326,7 +326,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	if h.dedupe == nil {
 		countRequest("forwarded")
-		return next.ServeHTTP(w, r)
+		_, err := forward(caddyhttp.NewResponseRecorder(w, nil, nil), r, next)
+		return err
 	}
 	return h.dedupe.deliverOnce(w, r, next, ev.ID)
 }

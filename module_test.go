@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -321,7 +322,7 @@ func TestReadBodyDoesNotTrustContentLength(t *testing.T) {
 // TestRewriteDropsExpectAndUnsafeDeliveryID: the backend gets no Expect
 // (the body is already read; its 100 Continue would reach Kayle), and the
 // delivery id only as one value that is safe to log.
-func TestRewriteDropsExpectAndUnsafeDeliveryID(t *testing.T) {
+func TestRewriteDropsHopHeadersAndUnsafeDeliveryID(t *testing.T) {
 	h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = true })
 	for name, ids := range map[string][]string{
 		"two values":   {"whd_a", "whd_b"},
@@ -331,13 +332,18 @@ func TestRewriteDropsExpectAndUnsafeDeliveryID(t *testing.T) {
 		backend := &testBackend{}
 		req := makeDelivery(t, eventPayload("evt_"+strings.ReplaceAll(name, " ", "_")), time.Now())
 		req.Header.Set("Expect", "100-continue")
+		// reverse_proxy would drop the headers Connection lists, ours too
+		req.Header.Set("Connection", "Upgrade, "+HeaderVerified+", "+HeaderEventID)
+		req.Header.Set("Upgrade", "websocket")
 		req.Header[HeaderDeliveryID] = ids
 		if res := serve(h, req, backend); res.Status != http.StatusOK {
 			t.Fatalf("%s: %d %v", name, res.Status, res.Err)
 		}
 		got := backend.Request(0).Header
-		if got.Get("Expect") != "" {
-			t.Errorf("%s: Expect forwarded", name)
+		for _, hop := range []string{"Expect", "Connection", "Upgrade"} {
+			if got.Get(hop) != "" {
+				t.Errorf("%s: %s forwarded", name, hop)
+			}
 		}
 		want := []string(nil)
 		if name == "two values" {
@@ -364,5 +370,23 @@ func TestLiteralSecretWithBraceIsNotEchoed(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), "SECRET") {
 		t.Errorf("the error quotes the secret: %v", err)
+	}
+}
+
+// TestNothingAnsweredIsNotDelivered: a route whose later handlers answer
+// nothing (reverse_proxy matching another path) must not become Caddy's
+// empty 200: Kayle would stop retrying an event nobody received.
+func TestNothingAnsweredIsNotDelivered(t *testing.T) {
+	silent := &testBackend{Respond: func(int, http.ResponseWriter, *http.Request) error { return nil }}
+	for _, dedupeOff := range []bool{false, true} {
+		h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = dedupeOff })
+		payload := eventPayload("evt_unrouted")
+		body, sig := signDelivery(t, payload, time.Now())
+		for attempt := range 2 {
+			res := serve(h, deliveryRequest(body, sig), silent)
+			if res.Status != http.StatusBadGateway || !errors.Is(res.Err, errNothingAnswered) {
+				t.Fatalf("dedupe off=%v, attempt %d: status %d, %v", dedupeOff, attempt+1, res.Status, res.Err)
+			}
+		}
 	}
 }

@@ -54,6 +54,10 @@ func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev 
 	h.Del("Content-Encoding")
 	h.Del("Transfer-Encoding")
 	h.Del("Expect") // the body is here already; a 100 Continue would reach Kayle
+	// reverse_proxy would drop the headers Connection names (ours included)
+	// and could turn the forward into an upgraded tunnel
+	h.Del("Connection")
+	h.Del("Upgrade")
 	r.TransferEncoding = nil
 	r.Trailer = nil
 	h.Set("Content-Type", "application/json")

@@ -1,0 +1,40 @@
+package kaylewebhook
+
+import (
+	"errors"
+	"net/http"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// errNothingAnswered: no handler after kayle_webhook wrote a response (say,
+// a route whose reverse_proxy matches another path). Caddy would send an
+// empty 200, Kayle would stop retrying, and nobody would have the event.
+var errNothingAnswered = errors.New("no handler after kayle_webhook answered the request; check that the route reaches reverse_proxy")
+
+// forward calls next through rec, a streaming recorder, and returns the
+// status Kayle gets. A chain that answers nothing is a 502, not a 200.
+func forward(rec caddyhttp.ResponseRecorder, r *http.Request, next caddyhttp.Handler) (int, error) {
+	err := next.ServeHTTP(rec, r)
+	if err == nil && rec.Status() == 0 {
+		err = caddyhttp.Error(http.StatusBadGateway, errNothingAnswered)
+	}
+	return forwardStatus(rec.Status(), err), err
+}
+
+// forwardStatus is the status the next handler answered with. Once a status
+// was written it is what the client got, even if next then returned an
+// error. A handler that returned an error and wrote nothing has the status
+// in the error.
+func forwardStatus(recorded int, err error) int {
+	if recorded >= 200 {
+		return recorded
+	}
+	if err != nil {
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
+			return he.StatusCode
+		}
+		return http.StatusInternalServerError
+	}
+	return recorded
+}
