@@ -61,6 +61,10 @@ func (kr *keyRing) decrypt(body []byte) (plaintext []byte, kid string, err error
 	if err != nil {
 		return nil, "", fmt.Errorf("%w: %v", errNotJWE, err)
 	}
+	// Kayle does not compress; go-jose would inflate up to ten times the body
+	if _, compressed := obj.Header.ExtraHeaders["zip"]; compressed {
+		return nil, "", fmt.Errorf("%w: compressed (zip) JWEs are not accepted", errNotJWE)
+	}
 	if kid = obj.Header.KeyID; kid != "" {
 		key, ok := kr.byKID[kid]
 		if !ok {

@@ -187,3 +187,25 @@ func TestParseEvent(t *testing.T) {
 		}
 	}
 }
+
+// TestDecryptRefusesCompression: Kayle never compresses; a zip JWE (which
+// go-jose would inflate to ten times its size) is refused before any RSA.
+func TestDecryptRefusesCompression(t *testing.T) {
+	encrypter, err := jose.NewEncrypter(jose.A256GCM,
+		jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: demoPublicKey(t), KeyID: demoKID},
+		&jose.EncrypterOptions{Compression: jose.DEFLATE})
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj, err := encrypter.Encrypt(bytes.Repeat([]byte("A"), 1<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	compact, err := obj.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := demoRing(t).decrypt([]byte(compact)); !errors.Is(err, errNotJWE) {
+		t.Fatalf("a compressed JWE: %v, want errNotJWE", err)
+	}
+}
