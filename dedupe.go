@@ -11,7 +11,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"path"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -86,24 +88,11 @@ func cleanPrefix(prefix string) (string, error) {
 	if cleaned == "" || cleaned == "." {
 		return "", errors.New("dedupe_prefix must name a folder below the storage root")
 	}
-	for _, part := range splitPath(prefix) {
-		if part == ".." {
-			return "", fmt.Errorf("dedupe_prefix %q must not contain '..'", prefix)
-		}
+	// '\\' too: file_system storage on Windows splits on it
+	if slices.Contains(strings.FieldsFunc(prefix, func(r rune) bool { return r == '/' || r == '\\' }), "..") {
+		return "", fmt.Errorf("dedupe_prefix %q must not contain '..'", prefix)
 	}
 	return cleaned, nil
-}
-
-func splitPath(p string) []string {
-	var parts []string
-	start := 0
-	for i := 0; i <= len(p); i++ {
-		if i == len(p) || p[i] == '/' || p[i] == '\\' {
-			parts = append(parts, p[start:i])
-			start = i + 1
-		}
-	}
-	return parts
 }
 
 // eventKeys derives the record key and lock name from a hash of the event id,
