@@ -73,24 +73,46 @@ func (s *jsonScanner) value() error {
 	return errInvalidJSON
 }
 
-func (s *jsonScanner) enter() error {
+// enter consumes an opening bracket and reports whether the container is
+// empty (its closing bracket consumed too).
+func (s *jsonScanner) enter(closing byte) (empty bool, err error) {
 	if s.depth++; s.depth > maxJSONDepth {
-		return errInvalidJSON
+		return false, errInvalidJSON
 	}
 	s.pos++ // the opening bracket
 	s.skipSpace()
-	return nil
+	if s.pos < len(s.data) && s.data[s.pos] == closing {
+		s.pos++
+		s.depth--
+		return true, nil
+	}
+	return false, nil
+}
+
+// next consumes what follows a container's element: a comma (more to come)
+// or the closing bracket.
+func (s *jsonScanner) next(closing byte) (more bool, err error) {
+	s.skipSpace()
+	if s.pos >= len(s.data) {
+		return false, errInvalidJSON
+	}
+	switch s.data[s.pos] {
+	case ',':
+		s.pos++
+		s.skipSpace()
+		return true, nil
+	case closing:
+		s.pos++
+		s.depth--
+		return false, nil
+	}
+	return false, errInvalidJSON
 }
 
 func (s *jsonScanner) object() error {
-	if err := s.enter(); err != nil {
+	top := s.depth == 0
+	if empty, err := s.enter('}'); empty || err != nil {
 		return err
-	}
-	top := s.depth == 1
-	if s.pos < len(s.data) && s.data[s.pos] == '}' {
-		s.pos++
-		s.depth--
-		return nil
 	}
 	for {
 		if s.pos >= len(s.data) || s.data[s.pos] != '"' {
@@ -114,20 +136,8 @@ func (s *jsonScanner) object() error {
 		if top {
 			s.record(key, s.data[valueStart:s.pos])
 		}
-		s.skipSpace()
-		if s.pos >= len(s.data) {
-			return errInvalidJSON
-		}
-		switch s.data[s.pos] {
-		case ',':
-			s.pos++
-			s.skipSpace()
-		case '}':
-			s.pos++
-			s.depth--
-			return nil
-		default:
-			return errInvalidJSON
+		if more, err := s.next('}'); !more || err != nil {
+			return err
 		}
 	}
 }
@@ -156,32 +166,15 @@ func (s *jsonScanner) record(quotedKey, value []byte) {
 }
 
 func (s *jsonScanner) array() error {
-	if err := s.enter(); err != nil {
+	if empty, err := s.enter(']'); empty || err != nil {
 		return err
-	}
-	if s.pos < len(s.data) && s.data[s.pos] == ']' {
-		s.pos++
-		s.depth--
-		return nil
 	}
 	for {
 		if err := s.value(); err != nil {
 			return err
 		}
-		s.skipSpace()
-		if s.pos >= len(s.data) {
-			return errInvalidJSON
-		}
-		switch s.data[s.pos] {
-		case ',':
-			s.pos++
-			s.skipSpace()
-		case ']':
-			s.pos++
-			s.depth--
-			return nil
-		default:
-			return errInvalidJSON
+		if more, err := s.next(']'); !more || err != nil {
+			return err
 		}
 	}
 }
