@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -96,13 +97,22 @@ type Handler struct {
 	// forward each event once between them. Default: Caddy's global storage.
 	StorageRaw json.RawMessage `json:"storage,omitempty" caddy:"namespace=caddy.storage inline_key=module"`
 
-	secrets   [][]byte
-	keys      keyRing
-	tolerance time.Duration
-	dedupe    *deduper
-	logger    *zap.Logger
-	now       func() time.Time
-	exiting   func() bool
+	// Standard Webhooks secrets ("whsec_<base64>") to sign what the backend
+	// receives with: webhook-id (the event id), webhook-timestamp (when the
+	// forward leaves) and webhook-signature, one "v1,<base64>" per secret,
+	// space separated, so list the new one beside the old during a rotation.
+	// Placeholders as in signing_secrets, resolved once at provisioning.
+	// Inbound webhook-* headers are always dropped. Default: none (unsigned).
+	ForwardSignatureSecrets []string `json:"forward_signature_secrets,omitempty"`
+
+	secrets     [][]byte
+	forwardKeys [][]byte
+	keys        keyRing
+	tolerance   time.Duration
+	dedupe      *deduper
+	logger      *zap.Logger
+	now         func() time.Time
+	exiting     func() bool
 }
 
 // KeyFile names a private key file and the kid Kayle knows it by.
@@ -142,6 +152,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionSecrets(repl); err != nil {
 		return err
 	}
+	if err := h.provisionForwardKeys(repl); err != nil {
+		return err
+	}
 	if err := h.provisionKeys(repl); err != nil {
 		return err
 	}
@@ -173,6 +186,23 @@ func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
 	}
 	if len(h.secrets) == 0 {
 		return errors.New("no signing_secret configured")
+	}
+	return nil
+}
+
+func (h *Handler) provisionForwardKeys(repl *caddy.Replacer) error {
+	h.forwardKeys = h.forwardKeys[:0]
+	for i, raw := range h.ForwardSignatureSecrets {
+		secret, err := repl.ReplaceOrErr(raw, true, true)
+		if err != nil {
+			// not err itself, which would quote part of a literal secret
+			return fmt.Errorf("forward_signature secret #%d: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{'", i+1)
+		}
+		key, err := parseForwardSecret(strings.TrimSpace(secret))
+		if err != nil {
+			return fmt.Errorf("forward_signature secret #%d %v", i+1, err)
+		}
+		h.forwardKeys = append(h.forwardKeys, key)
 	}
 	return nil
 }
@@ -324,12 +354,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),
 		zap.String("kid", kid), zap.String("delivery_id", deliveryID))
 
+	stage := &forwardStage{next: next, h: h, eventID: ev.ID, body: plaintext}
 	if h.dedupe == nil {
 		countRequest("forwarded")
-		_, err := forward(caddyhttp.NewResponseRecorder(w, nil, nil), r, next)
+		_, err := forward(caddyhttp.NewResponseRecorder(w, nil, nil), r, stage)
 		return err
 	}
-	return h.dedupe.deliverOnce(w, r, next, ev.ID)
+	return h.dedupe.deliverOnce(w, r, stage, ev.ID)
 }
 
 // reject logs why a delivery is refused (never with any of its content) and
@@ -375,9 +406,10 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 //		dedupe_prefix <key-prefix>       # default kayle_webhook/events
 //		storage <module> { … }           # default: the global storage
 //		dedupe off                       # forward every verified copy
+//		forward_signature <whsec_secret> # repeatable; sign the forward (Standard Webhooks)
 //	}
 //
-// Error messages never repeat a signing_secret token.
+// Error messages never repeat a signing_secret or forward_signature token.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if d.NextArg() {
@@ -392,6 +424,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.SigningSecrets = append(h.SigningSecrets, d.Val())
 			if d.NextArg() {
 				return d.Err("signing_secret takes exactly one argument (quote a secret that contains spaces)")
+			}
+		case "forward_signature":
+			if !d.NextArg() {
+				return d.Err("forward_signature needs one argument: a whsec_ secret (is its variable empty?)")
+			}
+			h.ForwardSignatureSecrets = append(h.ForwardSignatureSecrets, d.Val())
+			if d.NextArg() {
+				return d.Err("forward_signature takes exactly one argument; repeat the line for a second secret")
 			}
 		case "decryption_key":
 			var kid, file string

@@ -118,6 +118,15 @@ func TestProvisionRefuses(t *testing.T) {
 		"prefix escapes":  {func(h *Handler) { h.DedupePrefix = "../certificates" }, ".."},
 		"negative size":   {func(h *Handler) { h.MaxBodySize = -1 }, "max_body_size"},
 		"negative window": {func(h *Handler) { h.Tolerance = caddy.Duration(-time.Second) }, "tolerance"},
+		"forward secret without whsec_": {func(h *Handler) {
+			h.ForwardSignatureSecrets = []string{"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+		}, "forward_signature secret #1 is not whsec_"},
+		"forward secret not base64": {func(h *Handler) {
+			h.ForwardSignatureSecrets = []string{"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", leaked}
+		}, "forward_signature secret #2 is not whsec_"},
+		"forward secret unset": {func(h *Handler) {
+			h.ForwardSignatureSecrets = []string{"{env.KAYLE_UNSET_FOR_TEST}"}
+		}, "forward_signature secret #1: a placeholder"},
 		"leaky secret alone is fine, but a short one must not be echoed": {func(h *Handler) {
 			h.SigningSecrets = []string{"{env.KAYLE_LEAK}", "{env.KAYLE_SHORT_SECRET}"}
 		}, "signing secret #2"},

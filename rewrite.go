@@ -11,7 +11,8 @@ import (
 )
 
 // Headers the backend receives. Only the gateway sets them: any incoming
-// X-Kayle-* header but X-Kayle-Delivery-Id is removed first.
+// X-Kayle-* header but X-Kayle-Delivery-Id is removed first, and so is any
+// incoming webhook-* header (the gateway's forward signature, forwardsig.go).
 const (
 	HeaderEventID            = "X-Kayle-Event-Id"
 	HeaderEventType          = "X-Kayle-Event-Type"
@@ -45,7 +46,7 @@ func isGatewayHeader(name string) bool {
 // next handler sees, and publishes the ids as placeholders.
 func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev event, kid, deliveryID string, sig signature) {
 	for name := range r.Header {
-		if isGatewayHeader(name) {
+		if isGatewayHeader(name) || isStandardWebhooksHeader(name) {
 			delete(r.Header, name)
 		}
 	}

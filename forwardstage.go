@@ -1,0 +1,27 @@
+package kaylewebhook
+
+import (
+	"net/http"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// forwardStage stands between the handler and the rest of the route for one
+// delivery: it signs the forward at the moment it leaves (a copy that waited
+// for another copy's lock must not carry an old webhook-timestamp) and
+// records that it did. Used by one request, never concurrently.
+type forwardStage struct {
+	next    caddyhttp.Handler
+	h       *Handler
+	eventID string
+	body    []byte
+	called  bool
+}
+
+func (f *forwardStage) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
+	f.called = true
+	if len(f.h.forwardKeys) > 0 {
+		signForward(r.Header, f.h.forwardKeys, f.eventID, f.h.now(), f.body)
+	}
+	return f.next.ServeHTTP(w, r)
+}
