@@ -112,7 +112,7 @@ func startExample(t *testing.T, ex exampleBackend, secret string) *exampleProces
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Dir = filepath.Join("..", "examples", ex.name)
 	cmd.Env = append(os.Environ(),
-		"PORT="+strconv.Itoa(port),
+		"PORT="+itoa(port),
 		"KAYLE_FORWARD_SECRET="+secret,
 		"KAYLE_PROCESSED_LOG="+p.processed,
 		"KAYLE_STATE_DIR="+filepath.Join(dir, "state"),

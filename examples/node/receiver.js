@@ -18,7 +18,6 @@ const statusOf = new Map([
 ]);
 
 const processed = new Set(); // event ids: a real application keeps them in its database
-const sessions = new Map(); // verification_session_id -> status
 
 function answer(res, code, status) {
   res.writeHead(code, { "Content-Type": "application/json" });
@@ -46,13 +45,11 @@ async function receive(req, res) {
   // no await from here on: one copy of an event at a time
   if (processed.has(eventId)) return answer(res, 200, "duplicate");
   const status = statusOf.get(event.type) ?? "ignored";
-  if (status !== "ignored") {
-    // your application: act on the session (the claims are in event.data)
-    sessions.set(event.metadata?.verification_session_id, status);
-  }
-  if (processedLog) {
-    fs.appendFileSync(processedLog, JSON.stringify({ event_id: eventId, type: event.type, status }) + "\n");
-  }
+  // your application: set the verification session's status
+  // (metadata.verification_session_id); the consented claims are in data.claims
+  const line = JSON.stringify({ event_id: eventId, type: event.type, status });
+  if (processedLog) fs.appendFileSync(processedLog, line + "\n");
+  else console.log(line);
   processed.add(eventId);
   answer(res, 200, status);
 }
