@@ -105,14 +105,20 @@ type Handler struct {
 	// Inbound webhook-* headers are always dropped. Default: none (unsigned).
 	ForwardSignatureSecrets []string `json:"forward_signature_secrets,omitempty"`
 
-	secrets     [][]byte
-	forwardKeys [][]byte
-	keys        keyRing
-	tolerance   time.Duration
-	dedupe      *deduper
-	logger      *zap.Logger
-	now         func() time.Time
-	exiting     func() bool
+	// Event types to forward; a verified delivery of any other type is
+	// answered 200 with X-Kayle-Ignored: true, and neither forwarded nor
+	// remembered (Kayle stops retrying it). Default: every type.
+	Events []string `json:"events,omitempty"`
+
+	secrets      [][]byte
+	forwardKeys  [][]byte
+	allowedTypes map[string]bool
+	keys         keyRing
+	tolerance    time.Duration
+	dedupe       *deduper
+	logger       *zap.Logger
+	now          func() time.Time
+	exiting      func() bool
 }
 
 // KeyFile names a private key file and the kid Kayle knows it by.
@@ -158,7 +164,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionKeys(repl); err != nil {
 		return err
 	}
-	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if err := h.provisionEvents(); err != nil {
+		return err
+	}
+	kids := make([]string, len(h.keys.keys))
+	for i, k := range h.keys.keys {
+		kids[i] = k.kid
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry(), kids, len(h.secrets)); err != nil {
 		return err
 	}
 	if h.DedupeDisabled {
@@ -313,64 +326,102 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return h.reject(http.StatusMethodNotAllowed, "method", fmt.Errorf("method %s is not POST", r.Method), deliveryID)
+		closeAfterUnreadBody(w, r)
+		return h.reject(r, http.StatusMethodNotAllowed, "method", fmt.Errorf("method %s is not POST", r.Method), deliveryID)
+	}
+	// The header before the body: a request that cannot be Kayle's is
+	// refused for the price of a header parse, without a 100 Continue or a
+	// byte of its body read. The MAC needs the body, so it is checked after.
+	sig, err := parseSignature(r.Header.Get(SignatureHeader))
+	if err != nil {
+		closeAfterUnreadBody(w, r)
+		return h.reject(r, http.StatusBadRequest, "signature", err, deliveryID)
 	}
 	body, err := readBody(w, r, h.MaxBodySize)
 	if err != nil {
+		closeAfterUnreadBody(w, r)
 		status := http.StatusBadRequest
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
 			status = http.StatusRequestEntityTooLarge
 		}
-		return h.reject(status, "body", err, deliveryID)
+		return h.reject(r, status, "body", err, deliveryID)
 	}
 
-	sig, err := verifySignature(r.Header.Get(SignatureHeader), body, h.secrets, h.now(), h.tolerance)
+	start := time.Now()
+	position, err := sig.verify(body, h.secrets, h.now(), h.tolerance)
+	observePhase(phaseVerify, start)
 	if err != nil {
-		return h.reject(http.StatusBadRequest, "signature", err, deliveryID)
+		return h.reject(r, http.StatusBadRequest, "signature", err, deliveryID)
 	}
+	countSecretMatch(position)
 
+	start = time.Now()
 	plaintext, kid, err := h.keys.decrypt(body)
+	observePhase(phaseDecrypt, start)
 	switch {
 	case errors.Is(err, errUnknownKeyID):
 		// Kayle signed it, so Kayle encrypted it to a key it knows: ours is missing
 		h.logger.Error("delivery encrypted to a key id with no configured private key; add its decryption_key (Kayle retries for ~32 h)",
 			zap.String("kid", kid), zap.String("delivery_id", deliveryID))
 		countRequest("unknown_kid")
+		setLogFields(r, zap.String("kayle_kid", kid), zap.String("kayle_outcome", "unknown_kid"))
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	case err != nil:
-		return h.reject(http.StatusUnprocessableEntity, "decrypt", err, deliveryID)
+		return h.reject(r, http.StatusUnprocessableEntity, "decrypt", err, deliveryID)
 	}
+	countKeyUse(kid)
+	setLogFields(r, zap.String("kayle_kid", kid))
 
 	ev, err := parseEvent(plaintext)
 	if err != nil {
-		return h.reject(http.StatusUnprocessableEntity, "payload", err, deliveryID)
+		return h.reject(r, http.StatusUnprocessableEntity, "payload", err, deliveryID)
 	}
 
 	rewriteRequest(r, repl, plaintext, ev, kid, deliveryID, sig)
-	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
-		extra.Add(zap.String("kayle_event_id", ev.ID))
-	}
+	setLogFields(r, zap.String("kayle_event_id", ev.ID), zap.String("kayle_event_type", ev.Type))
 	h.logger.Debug("verified delivery",
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),
 		zap.String("kid", kid), zap.String("delivery_id", deliveryID))
 
+	if !h.wantsType(ev.Type) {
+		setLogFields(r, zap.String("kayle_outcome", "ignored"))
+		return h.answerIgnored(w, ev, kid, deliveryID)
+	}
+
 	stage := &forwardStage{next: next, h: h, eventID: ev.ID, body: plaintext}
 	if h.dedupe == nil {
 		countRequest("forwarded")
+		setLogFields(r, zap.String("kayle_outcome", "forwarded"))
 		_, err := forward(caddyhttp.NewResponseRecorder(w, nil, nil), r, stage)
 		return err
 	}
-	return h.dedupe.deliverOnce(w, r, stage, ev.ID)
+	start = time.Now()
+	err = h.dedupe.deliverOnce(w, r, stage, ev.ID)
+	observeDuration(phaseDedupeStorage, time.Since(start)-stage.elapsed)
+	setLogFields(r, zap.String("kayle_outcome", dedupeOutcome(stage, repl, err)))
+	return err
 }
 
 // reject logs why a delivery is refused (never with any of its content) and
 // returns the error Caddy answers with.
-func (h *Handler) reject(status int, reason string, err error, deliveryID string) error {
+func (h *Handler) reject(r *http.Request, status int, reason string, err error, deliveryID string) error {
 	h.logger.Warn("rejected delivery",
 		zap.Int("status", status), zap.String("reason", reason),
 		zap.String("delivery_id", deliveryID), zap.Error(err))
 	countRequest("rejected_" + reason)
+	setLogFields(r, zap.String("kayle_outcome", "rejected_"+reason))
 	return caddyhttp.Error(status, err)
+}
+
+// closeAfterUnreadBody makes an HTTP/1 refusal that leaves (part of) the
+// body unread end the connection. Otherwise net/http, which no longer sees
+// its own body type under Caddy's wrappers, reads up to 256 KB of the body
+// before sending the answer: a client waiting for 100 Continue would get no
+// answer until the idle timeout, and a forged flood would cost its bodies.
+func closeAfterUnreadBody(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 && r.ContentLength != 0 {
+		w.Header().Set("Connection", "close")
+	}
 }
 
 // readBody reads the whole body, at most limit bytes.
@@ -407,6 +458,7 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 //		storage <module> { … }           # default: the global storage
 //		dedupe off                       # forward every verified copy
 //		forward_signature <whsec_secret> # repeatable; sign the forward (Standard Webhooks)
+//		events <type>…                   # repeatable; forward only these types
 //	}
 //
 // Error messages never repeat a signing_secret or forward_signature token.
@@ -433,6 +485,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextArg() {
 				return d.Err("forward_signature takes exactly one argument; repeat the line for a second secret")
 			}
+		case "events":
+			types := d.RemainingArgs()
+			if len(types) == 0 {
+				return d.Err("events needs at least one event type")
+			}
+			h.Events = append(h.Events, types...)
 		case "decryption_key":
 			var kid, file string
 			if !d.Args(&kid, &file) || d.NextArg() {

@@ -102,33 +102,40 @@ func parseUnixSeconds(s string) (int64, error) {
 	return strconv.ParseInt(s, 10, 64)
 }
 
-// verifySignature checks the header against every secret over the raw body,
-// then the timestamp against now. The MAC comparison is constant time; the
-// timestamp is checked second so that an unauthenticated request learns
-// nothing about our clock.
+// verifySignature parses the header and verifies it over the raw body (see
+// signature.verify).
 func verifySignature(header string, body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (signature, error) {
 	sig, err := parseSignature(header)
 	if err != nil {
 		return sig, err
 	}
-	matched := false
-	for _, secret := range secrets {
+	_, err = sig.verify(body, secrets, now, tolerance)
+	return sig, err
+}
+
+// verify checks the v1 values against every secret over the raw body, then
+// the timestamp against now, and returns the 1-based position of the first
+// secret that matched (for the metrics: an old secret no longer matching can
+// be retired). The MAC comparison is constant time; the timestamp is checked
+// second so that an unauthenticated request learns nothing about our clock.
+func (sig signature) verify(body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (position int, err error) {
+	for i, secret := range secrets {
 		expected := signatureMAC(secret, sig.timestamp, body)
 		for _, candidate := range sig.v1 {
 			// no early exit: the work done does not depend on which one matches
-			if hmac.Equal(expected, candidate) {
-				matched = true
+			if hmac.Equal(expected, candidate) && position == 0 {
+				position = i + 1
 			}
 		}
 	}
-	if !matched {
-		return sig, errSignatureInvalid
+	if position == 0 {
+		return 0, errSignatureInvalid
 	}
 	skew := now.Sub(time.Unix(sig.unix, 0))
 	if skew > tolerance || skew < -tolerance {
-		return sig, fmt.Errorf("signature timestamp is %s away from now, outside the %s tolerance", skew.Round(time.Second), tolerance)
+		return 0, fmt.Errorf("signature timestamp is %s away from now, outside the %s tolerance", skew.Round(time.Second), tolerance)
 	}
-	return sig, nil
+	return position, nil
 }
 
 // signatureMAC is HMAC-SHA256(secret, timestamp + "." + body).

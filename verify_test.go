@@ -164,3 +164,31 @@ func FuzzParseSignature(f *testing.F) {
 		}
 	})
 }
+
+// verify names the position of the secret that matched: the metrics tell an
+// operator from it that an old secret can be retired.
+func TestVerifyNamesTheMatchingSecret(t *testing.T) {
+	secrets := [][]byte{testSecret, testOldSecret}
+	for want, secret := range map[int][]byte{1: testSecret, 2: testOldSecret} {
+		sig, err := parseSignature(SignatureHeaderValue(secret, testNow, testBody))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := sig.verify(testBody, secrets, testNow, time.Minute); err != nil || got != want {
+			t.Errorf("signed with secret #%d: position %d, %v", want, got, err)
+		}
+	}
+	// a header carrying v1s of both: the first configured secret is named
+	both := SignatureHeaderValue(testOldSecret, testNow, testBody) + "," +
+		strings.SplitN(SignatureHeaderValue(testSecret, testNow, testBody), ",", 2)[1]
+	sig, err := parseSignature(both)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := sig.verify(testBody, secrets, testNow, time.Minute); err != nil || got != 1 {
+		t.Errorf("both secrets: position %d, %v", got, err)
+	}
+	if got, err := sig.verify(testBody, secrets, testNow.Add(2*time.Minute), time.Minute); err == nil || got != 0 {
+		t.Errorf("stale: position %d, %v", got, err)
+	}
+}

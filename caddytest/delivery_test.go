@@ -239,13 +239,31 @@ func TestBodyLimitAndMethod(t *testing.T) {
 // must not read what is left of that body as further requests: it closes the
 // connection (or skips to the body's end). Otherwise bytes chosen by the
 // sender are parsed as a request of their own, which a proxy in front that
-// reuses connections turns into request smuggling.
+// reuses connections turns into request smuggling. The same holds for a
+// request refused with 400 for its signature header before its body is read.
 func TestOversizedChunkedBodyEndsTheConnection(t *testing.T) {
 	h := newHarness(t)
 	be := newBackend(t)
 	gw := h.gateway(be)
 	h.load(gw.caddyfile())
 
+	// well-formed, so the body is read (and found too large) before the MAC is checked
+	signed := "X-Kayle-Signature: t=" + strconv.FormatInt(time.Now().Unix(), 10) + ",v1=" + strings.Repeat("0", 64) + "\r\n"
+	for name, c := range map[string]struct {
+		signature string
+		status    int
+	}{
+		"413 for the body":             {signed, http.StatusRequestEntityTooLarge},
+		"400 for the signature header": {"", http.StatusBadRequest},
+	} {
+		t.Run(name, func(t *testing.T) { expectNoRequestAfterRefusal(t, gw, c.signature, c.status) })
+	}
+	if n := be.total(); n != 0 {
+		t.Errorf("backend got %d requests, want none", n)
+	}
+}
+
+func expectNoRequestAfterRefusal(t *testing.T, gw gateway, signatureLine string, status int) {
 	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", gw.port))
 	if err != nil {
 		t.Fatal(err)
@@ -259,7 +277,7 @@ func TestOversizedChunkedBodyEndsTheConnection(t *testing.T) {
 	go func() {
 		// a 5 MiB chunked POST, then a pipelined GET on the same connection
 		w := bufio.NewWriter(conn)
-		fmt.Fprintf(w, "POST /kayle/webhook HTTP/1.1\r\nHost: %s\r\nContent-Type: application/jose\r\nTransfer-Encoding: chunked\r\n\r\n", host)
+		fmt.Fprintf(w, "POST /kayle/webhook HTTP/1.1\r\nHost: %s\r\nContent-Type: application/jose\r\n%sTransfer-Encoding: chunked\r\n\r\n", host, signatureLine)
 		chunk := strings.Repeat("A", 64<<10)
 		for range 80 {
 			fmt.Fprintf(w, "%x\r\n%s\r\n", len(chunk), chunk)
@@ -271,27 +289,24 @@ func TestOversizedChunkedBodyEndsTheConnection(t *testing.T) {
 	r := bufio.NewReader(conn)
 	first, err := http.ReadResponse(r, nil)
 	if err != nil {
-		t.Fatalf("reading the answer to the oversized POST: %v", err)
+		t.Fatalf("reading the answer to the refused POST: %v", err)
 	}
 	first.Body.Close()
-	if first.StatusCode != http.StatusRequestEntityTooLarge {
-		t.Fatalf("oversized chunked POST: status %d, want 413", first.StatusCode)
+	if first.StatusCode != status {
+		t.Fatalf("refused chunked POST: status %d, want %d", first.StatusCode, status)
 	}
 	second, err := http.ReadResponse(r, nil)
 	switch {
 	case err != nil:
-		// the connection ended after the 413: nothing more was parsed
+		// the connection ended after the refusal: nothing more was parsed
 	case second.StatusCode == http.StatusMethodNotAllowed:
 		// the rest of the body was skipped; the pipelined GET got its answer
 		second.Body.Close()
 	default:
 		second.Body.Close()
-		t.Errorf("after the 413 (Connection: %q) the server answered %d on the same connection: "+
-			"it parsed the rest of the refused body as a new request", first.Header.Get("Connection"), second.StatusCode)
+		t.Errorf("after the %d (Connection: %q) the server answered %d on the same connection: "+
+			"it parsed the rest of the refused body as a new request", status, first.Header.Get("Connection"), second.StatusCode)
 	}
 	conn.Close()
 	<-written
-	if n := be.total(); n != 0 {
-		t.Errorf("backend got %d requests, want none", n)
-	}
 }

@@ -2,6 +2,7 @@ package caddytest
 
 import (
 	"bytes"
+	"encoding/json"
 	"io/fs"
 	"net/http"
 	"os"
@@ -13,9 +14,10 @@ import (
 )
 
 // With Caddy at debug level and an access log, nothing decrypted reaches a
-// log or the storage: not on a forward, a duplicate, or a refused payload.
-// The event id does reach the logs (it is how an operator traces an event),
-// and the signing secret appears nowhere.
+// log or the storage: not on a forward, a duplicate, an ignored type, or a
+// refused payload. The ids do reach the logs (they are how an operator
+// traces an event): each access-log line names the event, its type, the kid
+// and the outcome. The signing secret appears nowhere.
 func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 	h := newHarness(t)
 	be := newBackend(t)
@@ -25,6 +27,7 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 	accessLog := filepath.Join(logs, "access.log")
 	gw.globalExtra = "\tdebug\n\tlog {\n\t\toutput file " + quote(caddyLog) + "\n\t\tformat json\n\t}\n"
 	gw.siteExtra = "\tlog {\n\t\toutput file " + quote(accessLog) + "\n\t\tformat json\n\t}\n"
+	gw.kayleExtra = "\t\tevents verification.session.succeeded\n"
 	h.load(gw.caddyfile())
 
 	// distinctive values that exist only inside the encrypted payloads
@@ -39,6 +42,14 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 	ev := newEvent(t, claims)
 	h.expectForwarded(deliver(t, gw.url(), ev))
 	h.expectDuplicate(deliver(t, gw.url(), ev), ev.id)
+
+	// a type outside the events allowlist: acknowledged, never forwarded
+	failed := event{id: "evt_failed_" + randomHex(t, 8), typ: "verification.session.failed"}
+	failed.payload = []byte(`{"type":"verification.session.failed","metadata":{"event_id":"` + failed.id +
+		`"},"data":{"failure_code":"selfie_face_mismatch","claims":{"family_name":"` + secrets[0] + `"}}}`)
+	if resp, _ := h.expect(deliver(t, gw.url(), failed), http.StatusOK); resp.Header.Get("X-Kayle-Ignored") != "true" {
+		t.Errorf("a type outside the allowlist was not answered as ignored")
+	}
 
 	// signed payloads the gateway refuses after decrypting them (422): the
 	// log says why without quoting them
@@ -84,6 +95,34 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 	if strings.Contains(all, string(demo.secret)) {
 		t.Error("a log contains the signing secret")
 	}
+	// one access-log line per delivery tells what became of it
+	outcomes := map[string]int{}
+	for _, entry := range accessEntries(t, accessOut) {
+		outcome, _ := entry["kayle_outcome"].(string)
+		outcomes[outcome]++
+		id, _ := entry["kayle_event_id"].(string)
+		switch outcome {
+		case "forwarded", "duplicate", "ignored":
+			want := map[string]string{"kayle_event_id": ev.id, "kayle_event_type": ev.typ, "kayle_kid": demoKID}
+			if outcome == "ignored" {
+				want["kayle_event_id"], want["kayle_event_type"] = failed.id, failed.typ
+			}
+			for field, value := range want {
+				if entry[field] != value {
+					t.Errorf("%s access-log line: %s = %v, want %q", outcome, field, entry[field], value)
+				}
+			}
+		case "rejected_payload":
+			if entry["kayle_kid"] != demoKID || id != "" {
+				t.Errorf("refused payload's access-log line: kid %v, event id %q", entry["kayle_kid"], id)
+			}
+		}
+	}
+	for outcome, want := range map[string]int{"forwarded": 1, "duplicate": 1, "ignored": 1, "rejected_payload": len(refused)} {
+		if outcomes[outcome] != want {
+			t.Errorf("%d access-log lines with kayle_outcome %q, want %d (all: %v)", outcomes[outcome], outcome, want, outcomes)
+		}
+	}
 	if t.Failed() {
 		t.Logf("Caddy log:\n%s\naccess log:\n%s", caddyOut, accessOut)
 	}
@@ -122,6 +161,20 @@ func readFile(t testing.TB, path string) string {
 		t.Fatal(err)
 	}
 	return string(data)
+}
+
+// accessEntries parses a JSON access log, one entry per line.
+func accessEntries(t testing.TB, log string) []map[string]any {
+	t.Helper()
+	var entries []map[string]any
+	for line := range strings.Lines(log) {
+		var entry map[string]any
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Fatalf("access-log line is not JSON: %v", err)
+		}
+		entries = append(entries, entry)
+	}
+	return entries
 }
 
 func quote(s string) string { return `"` + s + `"` }

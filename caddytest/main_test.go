@@ -244,6 +244,9 @@ func loadConfig(caddyfile string) error {
 	}
 	req.Header.Set("Content-Type", "text/caddyfile")
 	req.Header.Set("Cache-Control", "must-revalidate") // reload even when unchanged
+	// the admin server restarts with each load: a pooled connection to the
+	// previous one may be reset under a POST, which is not retried
+	req.Close = true
 	client := &http.Client{Timeout: 30 * time.Second}
 	resp, err := client.Do(req)
 	if err != nil {
