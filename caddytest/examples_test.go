@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -271,6 +272,34 @@ func replay(t testing.TB, url string, rec received, edit func(h http.Header, bod
 	return req
 }
 
+// deliverAtOnce sends n copies of ev to url at the same moment and returns
+// the status field of each 200 answer ("error" for any other answer).
+func deliverAtOnce(h *harness, url string, ev event, n int) []string {
+	h.t.Helper()
+	reqs := make([]*http.Request, n)
+	for i := range reqs {
+		reqs[i] = deliver(h.t, url, ev)
+	}
+	answers := make([]string, n)
+	var wg sync.WaitGroup
+	for i, req := range reqs {
+		wg.Go(func() {
+			answers[i] = "error"
+			resp, err := h.tc.Client.Do(req)
+			if err != nil {
+				return
+			}
+			defer resp.Body.Close()
+			var answer struct{ Status string }
+			if resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&answer) == nil {
+				answers[i] = answer.Status
+			}
+		})
+	}
+	wg.Wait()
+	return answers
+}
+
 // answerStatus is the "status" field of an example's JSON answer.
 func answerStatus(t testing.TB, body []byte) string {
 	t.Helper()
@@ -388,6 +417,15 @@ func TestExampleBackends(t *testing.T) {
 			if resp.Header.Get(kaylewebhook.HeaderDuplicate) != "" {
 				t.Error("the gateway answered the retry itself: its dedupe is not off")
 			}
+			// copies of one event arriving together (racing retries): one is
+			// processed, the others are acknowledged as duplicates
+			racing := sessionEvent(t, "verification.session.expired")
+			answers := deliverAtOnce(h, gw.url(), racing, 4)
+			slices.Sort(answers)
+			if !slices.Equal(answers, []string{"duplicate", "duplicate", "duplicate", "expired"}) {
+				t.Errorf("4 copies at once: answers %q, want one expired, 3 duplicates", answers)
+			}
+			want = append(want, processedEvent{racing.id, racing.typ, "expired"})
 
 			got := p.processedEvents(t)
 			if fmt.Sprint(got) != fmt.Sprint(want) {
