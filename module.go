@@ -51,10 +51,12 @@ const (
 // taken from the decrypted payload.
 //
 // It answers itself only when it must not forward: 400 for a bad or stale
-// signature, 405 for a method other than POST, 413 for a body over
-// max_body_size, 422 for a signed body that cannot be used, 500 for a kid the
-// gateway holds no key for, 503 when the dedupe storage fails, and 200 with
-// X-Kayle-Duplicate: true for an event already delivered.
+// signature (a missing or malformed header before the body is read), 405
+// for a method other than POST, 413 for a body over max_body_size, 422 for a
+// signed body that cannot be used, 500 for a kid the gateway holds no key
+// for, 503 when the dedupe storage fails, 200 with X-Kayle-Duplicate: true
+// for an event already delivered, and 200 with X-Kayle-Ignored: true for a
+// type outside Events.
 type Handler struct {
 	// Secrets the signature may be made with; a v1 made with any of them is
 	// accepted, so list the old and the new one during a rotation. Each may be
