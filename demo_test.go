@@ -93,7 +93,7 @@ func ownKeyFile(t *testing.T) string {
 // checkDemo resolves h's secrets and keys as Provision does and runs the
 // demo check as a handler of a server listening on listen (none: outside
 // any server), with its log captured.
-func checkDemo(t *testing.T, h *Handler, listen []string) (error, *observer.ObservedLogs) {
+func checkDemo(t *testing.T, h *Handler, listen []string) (*observer.ObservedLogs, error) {
 	t.Helper()
 	repl := caddy.NewReplacer()
 	if err := h.provisionSecrets(repl); err != nil {
@@ -110,7 +110,7 @@ func checkDemo(t *testing.T, h *Handler, listen []string) (error, *observer.Obse
 	}
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: parent})
 	t.Cleanup(cancel)
-	return h.checkDemoMaterial(ctx), logs
+	return logs, h.checkDemoMaterial(ctx)
 }
 
 // demoWarnings are the WARN lines that name the demo material.
@@ -125,7 +125,7 @@ func TestDemoMaterialAloneIsNamedInAWarning(t *testing.T) {
 			SigningSecrets: []string{"{file." + demoSecretFile + "}"},
 			DecryptionKeys: []KeyFile{{KeyID: demoKID, File: demoKeyFile}},
 		}
-		err, logs := checkDemo(t, h, listen)
+		logs, err := checkDemo(t, h, listen)
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
@@ -166,7 +166,7 @@ func TestDemoMaterialBesideOwnIsRefused(t *testing.T) {
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
 			h := &Handler{SigningSecrets: c.secrets, DecryptionKeys: c.keys}
-			err, logs := checkDemo(t, h, []string{"127.0.0.1:8080"})
+			logs, err := checkDemo(t, h, []string{"127.0.0.1:8080"})
 			if c.want == "" {
 				// all demo (under another kid): not a mix, but named
 				if err != nil || len(demoWarnings(logs)) != 1 {
@@ -190,7 +190,7 @@ func TestOwnMaterialIsNotWarnedAbout(t *testing.T) {
 		SigningSecrets: []string{"{env.KAYLE_TEST_OWN_SECRET}"},
 		DecryptionKeys: []KeyFile{{KeyID: "k1", File: ownKeyFile(t)}},
 	}
-	err, logs := checkDemo(t, h, []string{":443"})
+	logs, err := checkDemo(t, h, []string{":443"})
 	if err != nil || logs.Len() != 0 {
 		t.Fatalf("err %v, log %v: own material on a public listener must pass silently", err, logs.All())
 	}
@@ -208,7 +208,7 @@ func TestDemoMaterialOnAPublicListener(t *testing.T) {
 	}
 	for _, listen := range [][]string{{":8080"}, {"0.0.0.0:8080"}, {"127.0.0.1:8080", "[::]:8080"}} {
 		t.Setenv(demoPublicEnv, "")
-		err, logs := checkDemo(t, demoHandler(), listen)
+		logs, err := checkDemo(t, demoHandler(), listen)
 		if err == nil || !strings.Contains(err.Error(), "not loopback-only") || !strings.Contains(err.Error(), demoPublicEnv+"=1") {
 			t.Errorf("%q: got %v, want a refusal that says how to acknowledge it", listen, err)
 		}
@@ -217,7 +217,7 @@ func TestDemoMaterialOnAPublicListener(t *testing.T) {
 		}
 
 		t.Setenv(demoPublicEnv, "1")
-		err, logs = checkDemo(t, demoHandler(), listen)
+		logs, err = checkDemo(t, demoHandler(), listen)
 		if err != nil {
 			t.Fatalf("%q acknowledged: %v", listen, err)
 		}
