@@ -1,6 +1,7 @@
 package kaylewebhook
 
 import (
+	"errors"
 	"net/http"
 
 	"github.com/caddyserver/caddy/v2"
@@ -35,6 +36,9 @@ func dedupeOutcome(stage *forwardStage, repl *caddy.Replacer, err error) string 
 	case statusClientClosedRequest:
 		return "client_gone"
 	case http.StatusServiceUnavailable:
+		if errors.Is(err, errLockBusy) {
+			return "lock_busy"
+		}
 		return "storage_unavailable"
 	}
 	return "error"

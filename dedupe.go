@@ -30,9 +30,12 @@ const (
 	// storageTimeout bounds storage calls made after the request may be gone
 	// (writing the record, releasing locks).
 	storageTimeout = 30 * time.Second
-	// sweepLockWait is how long an instance waits for the sweep lock before
-	// assuming another instance is sweeping.
+	// sweepLockWait is how long an instance waits for the sweep lock, past
+	// the time it takes to find its holder dead, before assuming another
+	// instance is sweeping.
 	sweepLockWait = 5 * time.Second
+	// sweepLeaseName is the key, below the prefix, of the sweeper's lease.
+	sweepLeaseName = "sweep_lease"
 	// forwardTimeout bounds a forward, which no longer ends with the sender's
 	// connection (see deliverOnce). Kayle itself waits only a few seconds.
 	forwardTimeout = 2 * time.Minute
@@ -57,17 +60,23 @@ type deduper struct {
 	logger  *zap.Logger
 	now     func() time.Time
 
+	timing lockTiming
+
 	mu   sync.Mutex
 	held map[string]int // storage locks held now, by name, for Cleanup
 }
 
-// record is what the storage keeps per delivered event: no plaintext, and
-// not even the event id, only its hash.
+// record is what the storage keeps per event: no plaintext, and not even
+// the event id, only its hash. A delivered event has DeliveredAt. While an
+// instance forwards the event, or after its forward failed, the record is a
+// lease instead: the holder's token and its last sign of life (see lock.go).
 type record struct {
 	Version     int       `json:"v"`
-	EventSHA256 string    `json:"event_sha256"`
-	DeliveredAt time.Time `json:"delivered_at"`
-	Status      int       `json:"status"`
+	EventSHA256 string    `json:"event_sha256,omitempty"`
+	DeliveredAt time.Time `json:"delivered_at,omitzero"`
+	Status      int       `json:"status,omitempty"`
+	Holder      string    `json:"holder,omitempty"`
+	HeartbeatAt time.Time `json:"heartbeat_at,omitzero"`
 }
 
 func newDeduper(storage certmagic.Storage, prefix string, window time.Duration, logger *zap.Logger, now func() time.Time) *deduper {
@@ -77,6 +86,7 @@ func newDeduper(storage certmagic.Storage, prefix string, window time.Duration, 
 		window:  window,
 		logger:  logger,
 		now:     now,
+		timing:  defaultLockTiming,
 		held:    make(map[string]int),
 	}
 }
@@ -119,26 +129,46 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	defer releaseClaim()
 
-	if err := d.lock(ctx, lockName); err != nil {
-		if ctx.Err() != nil {
-			return d.clientGone(eventID, err)
+	// The wait does not end with Kayle's connection: a copy must be able to
+	// wait out a dead holder's silence and take the event over, even when
+	// Kayle hung up after a few seconds. It is bounded all the same.
+	waitCtx, cancelWait := context.WithTimeout(context.WithoutCancel(ctx), d.timing.waitLimit)
+	held, rec, err := d.acquire(waitCtx, lockName, recordKey, eventID)
+	cancelWait()
+	switch {
+	case errors.Is(err, errLockBusy) && ctx.Err() != nil:
+		return d.clientGone(eventID, err)
+	case errors.Is(err, errLockBusy):
+		d.logger.Warn("another copy of the event has held it too long; answering 503 so Kayle retries",
+			zap.String("event_id", eventID), zap.Error(err))
+		countRequest("lock_busy")
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("event %s: %w", eventID, err))
+	case err != nil:
+		d.logger.Error("dedupe storage failed; answering 503 so Kayle retries",
+			zap.String("event_id", eventID), zap.Error(err))
+		countRequest("storage_unavailable")
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("dedupe storage, event %s: %w", eventID, err))
+	}
+	if held == nil || d.isDelivered(rec) {
+		if held != nil {
+			held.release()
 		}
-		d.logger.Error("dedupe storage lock failed; answering 503 so Kayle retries",
-			zap.String("event_id", eventID), zap.Error(err))
-		countRequest("storage_unavailable")
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("locking event %s in dedupe storage: %w", eventID, err))
-	}
-	defer d.unlock(lockName)
-
-	delivered, err := d.delivered(ctx, recordKey, eventID)
-	if err != nil {
-		d.logger.Error("dedupe storage unreadable; answering 503 so Kayle retries",
-			zap.String("event_id", eventID), zap.Error(err))
-		countRequest("storage_unavailable")
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("reading dedupe record of event %s: %w", eventID, err))
-	}
-	if delivered {
 		return d.answerDuplicate(w, r, eventID)
+	}
+	defer held.release()
+	held.lease.EventSHA256 = eventHash
+	if rec != nil {
+		// an earlier holder's lease or failure mark: replace it at once, so
+		// no waiter mistakes its age for this holder's silence
+		if err := held.writeLease(ctx); err != nil {
+			d.logger.Error("dedupe storage unwritable; answering 503 so Kayle retries",
+				zap.String("event_id", eventID), zap.Error(err))
+			countRequest("storage_unavailable")
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("writing the lease of event %s: %w", eventID, err))
+		}
+		held.heartbeat(d.timing.beatEvery)
+	} else {
+		held.heartbeat(d.timing.firstBeat)
 	}
 
 	countRequest("forwarded")
@@ -148,30 +178,40 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	fwdCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), forwardTimeout)
 	defer cancel()
 	r = r.WithContext(fwdCtx)
-	rec := caddyhttp.NewResponseRecorder(w, nil, nil) // streams; only observes the status
+	recorder := caddyhttp.NewResponseRecorder(w, nil, nil) // streams; only observes the status
 	returned := false
 	defer func() {
 		// next panicked: reverse_proxy does (http.ErrAbortHandler) when the
 		// response body breaks after the backend's status went out. A 2xx
 		// that went out is still the backend accepting the event.
-		if status := rec.Status(); !returned && status >= 200 && status <= 299 {
-			d.remember(ctx, recordKey, eventHash, eventID, status)
+		if status := recorder.Status(); !returned && status >= 200 && status <= 299 {
+			held.settle()
+			d.remember(ctx, held, eventID, status)
 		}
 	}()
-	status, nextErr := forward(rec, r, next)
+	status, nextErr := forward(recorder, r, next)
 	returned = true
+	held.settle()
 	if status < 200 || status > 299 {
 		d.logger.Info("backend did not accept the event; not remembered, Kayle will retry",
 			zap.String("event_id", eventID), zap.Int("status", status))
+		if !held.lost.Load() {
+			// a sign of life for copies waiting now: this holder is done
+			if err := held.writeLease(ctx); err != nil {
+				d.logger.Warn("marking a failed forward in dedupe storage", zap.String("event_id", eventID), zap.Error(err))
+			}
+		}
 		return nextErr
 	}
-	d.remember(ctx, recordKey, eventHash, eventID, status)
+	d.remember(ctx, held, eventID, status)
 	return nextErr
 }
 
 // remember writes the record of an event the backend accepted.
-func (d *deduper) remember(ctx context.Context, recordKey, eventHash, eventID string, status int) {
-	if err := d.commit(ctx, recordKey, eventHash, status); err != nil {
+func (d *deduper) remember(ctx context.Context, held *heldLock, eventID string, status int) {
+	rec := held.lease
+	rec.Holder = held.token
+	if err := d.commit(ctx, held.leaseKey, rec, status); err != nil {
 		// the backend has the event; a later copy may be forwarded again
 		d.logger.Error("event delivered but its dedupe record could not be written; a retry of it would be forwarded again",
 			zap.String("event_id", eventID), zap.Error(err))
@@ -209,32 +249,19 @@ func (d *deduper) answerDuplicate(w http.ResponseWriter, r *http.Request, eventI
 	return nil
 }
 
-// delivered reports whether a fresh "delivered" record exists. A record that
-// cannot be parsed counts as absent: forwarding again is safer than refusing
-// the event until Kayle gives up.
-func (d *deduper) delivered(ctx context.Context, recordKey, eventID string) (bool, error) {
-	data, err := d.storage.Load(ctx, recordKey)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	var rec record
-	if err := json.Unmarshal(data, &rec); err != nil || rec.DeliveredAt.IsZero() {
-		d.logger.Warn("ignoring an unreadable dedupe record", zap.String("event_id", eventID), zap.String("key", recordKey))
-		return false, nil
-	}
-	return d.now().Sub(rec.DeliveredAt) <= d.window, nil
+// isDelivered reports whether rec says the event was delivered within the
+// window.
+func (d *deduper) isDelivered(rec *record) bool {
+	return rec != nil && !rec.DeliveredAt.IsZero() && d.now().Sub(rec.DeliveredAt) <= d.window
 }
 
-func (d *deduper) commit(ctx context.Context, recordKey, eventHash string, status int) error {
-	data, err := json.Marshal(record{
-		Version:     recordVersion,
-		EventSHA256: eventHash,
-		DeliveredAt: d.now().UTC(),
-		Status:      status,
-	})
+// commit writes rec as the record of a delivered event.
+func (d *deduper) commit(ctx context.Context, recordKey string, rec record, status int) error {
+	rec.Version = recordVersion
+	rec.DeliveredAt = d.now().UTC()
+	rec.Status = status
+	rec.HeartbeatAt = time.Time{}
+	data, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
@@ -270,6 +297,16 @@ func (d *deduper) unlock(name string) {
 	defer cancel()
 	if err := d.storage.Unlock(ctx, name); err != nil {
 		d.logger.Error("releasing a dedupe storage lock", zap.String("lock", name), zap.Error(err))
+	}
+}
+
+// forgetHeld stops counting a lock as held without releasing it: another
+// instance took it over.
+func (d *deduper) forgetHeld(name string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.held[name]--; d.held[name] <= 0 {
+		delete(d.held, name)
 	}
 }
 
@@ -316,17 +353,25 @@ func (d *deduper) startSweeper(ctx context.Context) {
 // lost; the cost is one duplicate forward of an event older than the window.
 func (d *deduper) sweep(ctx context.Context) error {
 	lockName := "kayle_webhook_sweep_" + hashHex(d.prefix)[:32]
-	lockCtx, cancel := context.WithTimeout(ctx, sweepLockWait)
-	err := d.lock(lockCtx, lockName)
-	gaveUp := lockCtx.Err() != nil
+	// long enough to outwait a dead sweeper's silence and take over
+	waitCtx, cancel := context.WithTimeout(ctx, d.timing.staleAfter+sweepLockWait)
+	held, _, err := d.acquire(waitCtx, lockName, path.Join(d.prefix, sweepLeaseName), "sweep")
 	cancel()
-	if err != nil && gaveUp {
-		return nil // another instance holds it and is sweeping (or Caddy is stopping)
+	if errors.Is(err, errLockBusy) {
+		return nil // another instance is sweeping (or Caddy is stopping)
 	}
 	if err != nil {
 		return fmt.Errorf("taking the sweep lock: %w", err)
 	}
-	defer d.unlock(lockName)
+	if held == nil {
+		return nil // cannot happen: a sweep lease is never a delivery
+	}
+	defer held.release()
+	if err := held.writeLease(ctx); err != nil {
+		return fmt.Errorf("writing the sweep lease: %w", err)
+	}
+	held.heartbeat(d.timing.beatEvery)
+	defer held.settle()
 
 	markerKey := path.Join(d.prefix, "last_sweep")
 	if data, err := d.storage.Load(ctx, markerKey); err == nil {

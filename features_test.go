@@ -3,6 +3,7 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
+	"crypto/rsa"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/go-jose/go-jose/v4"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 )
@@ -191,11 +193,12 @@ func TestNoSignatureRefusedBeforeTheBody(t *testing.T) {
 func TestKeyAndSecretMetrics(t *testing.T) {
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	defer cancel()
+	// not the demo material, which may not be mixed with other material
+	const newSecret, oldSecret = "whsec_the_new_secret_not_yet_used_0", "whsec_the_old_secret_still_in_use_0"
 	h := &Handler{
-		// the demo secret second: a delivery signed with it matches position 2
-		SigningSecrets: []string{"whsec_the_new_secret_not_yet_used_0", demoSecret(t)},
-		DecryptionKeys: []KeyFile{{KeyID: demoKID, File: demoKeyFile}},
-		DecryptionJWKS: []string{vectorsDir + "/keys/private.jwks.json"},
+		// a delivery signed with the old secret matches position 2
+		SigningSecrets: []string{newSecret, oldSecret},
+		DecryptionJWKS: []string{vectorsDir + "/keys/private.jwks.json"}, // k1 and k2
 		DedupeDisabled: true,
 	}
 	if err := h.Provision(ctx); err != nil {
@@ -214,8 +217,8 @@ func TestKeyAndSecretMetrics(t *testing.T) {
 		}
 	}
 	for _, want := range []string{
-		"caddy_kayle_webhook_key_uses_total/kid=demo",
 		"caddy_kayle_webhook_key_uses_total/kid=k1",
+		"caddy_kayle_webhook_key_uses_total/kid=k2",
 		"caddy_kayle_webhook_signing_secret_matches_total/position=1",
 		"caddy_kayle_webhook_signing_secret_matches_total/position=2",
 	} {
@@ -224,21 +227,35 @@ func TestKeyAndSecretMetrics(t *testing.T) {
 		}
 	}
 
-	demoBefore, k1Before := labeledCount(t, keyUsesTotal, demoKID), labeledCount(t, keyUsesTotal, "k1")
+	k1Before, k2Before := labeledCount(t, keyUsesTotal, "k1"), labeledCount(t, keyUsesTotal, "k2")
 	pos1Before, pos2Before := labeledCount(t, secretMatchesTotal, "1"), labeledCount(t, secretMatchesTotal, "2")
 	phasesBefore := map[string]uint64{}
 	for _, p := range []string{phaseVerify, phaseDecrypt, phaseForward} {
 		phasesBefore[p] = histogramCount(t, p)
 	}
+	keys, err := loadJWKSFile(vectorsDir + "/keys/private.jwks.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k2 *rsa.PublicKey
+	for _, k := range keys {
+		if k.kid == "k2" {
+			k2 = &k.key.PublicKey
+		}
+	}
 	backend := &testBackend{}
 	for i := range 3 {
-		res := serve(h, makeDelivery(t, eventPayload("evt_metrics_"+strconv.Itoa(i)), time.Now()), backend)
+		body, err := EncryptDelivery(eventPayload("evt_metrics_"+strconv.Itoa(i)), k2, "k2", jose.A256GCM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := serve(h, deliveryRequest(body, SignatureHeaderValue([]byte(oldSecret), time.Now(), body)), backend)
 		if res.Status != http.StatusOK {
 			t.Fatalf("status %d: %v", res.Status, res.Err)
 		}
 	}
-	if got := labeledCount(t, keyUsesTotal, demoKID) - demoBefore; got != 3 {
-		t.Errorf("key_uses_total{kid=demo} grew by %v, want 3", got)
+	if got := labeledCount(t, keyUsesTotal, "k2") - k2Before; got != 3 {
+		t.Errorf("key_uses_total{kid=k2} grew by %v, want 3", got)
 	}
 	if got := labeledCount(t, keyUsesTotal, "k1") - k1Before; got != 0 {
 		t.Errorf("key_uses_total{kid=k1} grew by %v, want 0", got)

@@ -166,6 +166,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionKeys(repl); err != nil {
 		return err
 	}
+	if err := h.checkDemoMaterial(ctx); err != nil {
+		return err
+	}
 	if err := h.provisionEvents(); err != nil {
 		return err
 	}
@@ -472,16 +475,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	for d.NextBlock(0) {
 		switch d.Val() {
 		case "signing_secret":
-			if !d.NextArg() {
-				return d.Err("signing_secret needs one argument")
+			if !d.NextArg() || d.Val() == "" {
+				return d.Err("signing_secret's value is empty; " + unsetVariableHint)
 			}
 			h.SigningSecrets = append(h.SigningSecrets, d.Val())
 			if d.NextArg() {
 				return d.Err("signing_secret takes exactly one argument (quote a secret that contains spaces)")
 			}
 		case "forward_signature":
-			if !d.NextArg() {
-				return d.Err("forward_signature needs one argument: a whsec_ secret (is its variable empty?)")
+			if !d.NextArg() || d.Val() == "" {
+				return d.Err("forward_signature needs one argument, a whsec_ secret, and its value is empty; " + unsetVariableHint)
 			}
 			h.ForwardSignatureSecrets = append(h.ForwardSignatureSecrets, d.Val())
 			if d.NextArg() {
@@ -495,13 +498,19 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Events = append(h.Events, types...)
 		case "decryption_key":
 			var kid, file string
-			if !d.Args(&kid, &file) || d.NextArg() {
+			if !d.Args(&kid, &file) || kid == "" || file == "" {
+				return d.Err("decryption_key takes two arguments, <kid> <file>, and one is missing or empty; " + unsetVariableHint)
+			}
+			if d.NextArg() {
 				return d.Err("decryption_key takes two arguments: <kid> <file>")
 			}
 			h.DecryptionKeys = append(h.DecryptionKeys, KeyFile{KeyID: kid, File: file})
 		case "decryption_keys":
 			var file string
-			if !d.Args(&file) || d.NextArg() {
+			if !d.Args(&file) || file == "" {
+				return d.Err("decryption_keys takes one argument, <jwks-file>, and its value is empty; " + unsetVariableHint)
+			}
+			if d.NextArg() {
 				return d.Err("decryption_keys takes one argument: <jwks-file>")
 			}
 			h.DecryptionJWKS = append(h.DecryptionJWKS, file)
@@ -571,6 +580,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	return nil
 }
+
+// unsetVariableHint explains an empty argument: a Caddyfile {$VAR} whose
+// variable is unset becomes nothing, and the line loses that argument.
+const unsetVariableHint = "is an environment variable ({$VAR}) on that line unset? The Caddyfile's {$VAR} are replaced when it is adapted, by the process running caddy run, adapt or reload"
 
 func parseCaddyfile(helper httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	h := new(Handler)

@@ -12,7 +12,6 @@ const maxIDLen = 256
 var (
 	errPayloadNotJSON = errors.New("decrypted payload is not a JSON object")
 	errNoEventID      = errors.New("decrypted payload has no metadata.event_id string")
-	errBadPayloadID   = errors.New("decrypted payload has an id or type that is empty, longer than 256 bytes or not printable")
 )
 
 // event is what the gateway reads from a decrypted payload: ids only. The
@@ -63,9 +62,15 @@ func parseEvent(plaintext []byte) (event, error) {
 		}
 		ev.ContractVersion = string(v)
 	}
-	if !headerSafe(ev.ID) || (ev.Type != "" && !headerSafe(ev.Type)) ||
-		(ev.SessionID != "" && !headerSafe(ev.SessionID)) || (ev.ContractVersion != "" && !headerSafe(ev.ContractVersion)) {
-		return event{}, errBadPayloadID
+	for _, f := range []struct{ name, value string }{
+		{"metadata.event_id", ev.ID},
+		{"type", ev.Type},
+		{"metadata.verification_session_id", ev.SessionID},
+		{"metadata.contract_version", ev.ContractVersion},
+	} {
+		if (f.value != "" || f.name == "metadata.event_id") && !headerSafe(f.value) {
+			return event{}, errUnsafeID(f.name)
+		}
 	}
 	return ev, nil
 }
@@ -89,14 +94,23 @@ func errWrongType(field string) error {
 	return errors.New("decrypted payload field " + field + " has the wrong JSON type")
 }
 
-// headerSafe reports whether s can travel in a header and a log line as is:
-// non-empty, bounded, and no control characters.
+// errUnsafeID names the field only, never its value.
+func errUnsafeID(field string) error {
+	return errors.New("decrypted payload field " + field + " is empty, longer than 256 bytes, not printable ASCII, or starts or ends with a space; the backend could not receive it byte for byte")
+}
+
+// headerSafe reports whether s reaches the backend in a header exactly as
+// the gateway deduplicated on it, and can go in a log line as is: 1 to 256
+// bytes of printable ASCII (Kayle's ids are ASCII), no leading or trailing
+// space (net/http trims those as it writes a header, so " evt_1" and
+// "evt_1" would be two events to the dedupe but one id to the backend; a
+// backend would read UTF-8 as Latin-1).
 func headerSafe(s string) bool {
-	if s == "" || len(s) > maxIDLen {
+	if s == "" || len(s) > maxIDLen || s[0] == ' ' || s[len(s)-1] == ' ' {
 		return false
 	}
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f || r == '\uFFFD' {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
 			return false
 		}
 	}

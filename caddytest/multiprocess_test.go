@@ -68,6 +68,7 @@ func (b *syncBuffer) String() string {
 
 // caddyProcess is one Caddy run from the built binary.
 type caddyProcess struct {
+	cmd     *exec.Cmd
 	name    string
 	gw      gateway
 	out     *syncBuffer
@@ -91,7 +92,7 @@ func startCaddy(t *testing.T, bin, name string, gw gateway) *caddyProcess {
 		"XDG_DATA_HOME="+filepath.Join(dir, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
 	)
-	p := &caddyProcess{name: name, gw: gw, out: new(syncBuffer), exited: make(chan struct{})}
+	p := &caddyProcess{cmd: cmd, name: name, gw: gw, out: new(syncBuffer), exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.out, p.out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

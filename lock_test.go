@@ -1,0 +1,337 @@
+package kaylewebhook
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"path"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// fastLockTiming keeps the lock tests short while leaving the heartbeat a
+// wide margin under the stale time on a loaded machine.
+var fastLockTiming = lockTiming{
+	staleAfter: time.Second,
+	firstBeat:  100 * time.Millisecond,
+	beatEvery:  100 * time.Millisecond,
+	pollEvery:  50 * time.Millisecond,
+	waitLimit:  5 * time.Second,
+}
+
+// newLockTestDeduper is a deduper on the real clock with fastLockTiming,
+// and the log entries it writes.
+func newLockTestDeduper(st *memStorage) (*deduper, *observer.ObservedLogs) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	d := newDeduper(st, testPrefix, defaultDedupeWindow, zap.New(core), time.Now)
+	d.timing = fastLockTiming
+	return d, logs
+}
+
+func takeovers(logs *observer.ObservedLogs) int {
+	return logs.FilterMessageSnippet("taking over a storage lock").Len()
+}
+
+// writeLeaseAt writes the lease a holder would have written at `at`.
+func writeLeaseAt(t *testing.T, st *memStorage, key, holder string, at time.Time) {
+	t.Helper()
+	data, err := json.Marshal(record{Version: recordVersion, Holder: holder, HeartbeatAt: at})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Store(context.Background(), key, data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A holder that died (its lock kept alive by nobody's fault but the
+// storage's, as certmagic's refresher does) is taken over once it has been
+// silent for the stale time, whether it died before its first lease or
+// after writing some.
+func TestLockTakeOverFromDeadHolder(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		leaseAge  time.Duration // 0: no lease written
+		wantDelay time.Duration // the least time the copy must wait
+	}{
+		{"died before its first lease", 0, fastLockTiming.staleAfter},
+		{"lease gone stale", 3 * fastLockTiming.staleAfter, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := newMemStorage()
+			d, logs := newLockTestDeduper(st)
+			const id = "evt_dead_holder"
+			_, key, lockName := d.eventKeys(id)
+			if err := st.Lock(context.Background(), lockName); err != nil { // the dead instance's
+				t.Fatal(err)
+			}
+			if tc.leaseAge > 0 {
+				writeLeaseAt(t, st, key, "dead", time.Now().Add(-tc.leaseAge))
+			}
+			backend := &testBackend{}
+			began := time.Now()
+			assertForwardedOK(t, deliverEvent(d, id, backend))
+			if waited := time.Since(began); waited < tc.wantDelay {
+				t.Errorf("took the lock over after %s; a holder silent for less than %s is not dead", waited, tc.wantDelay)
+			}
+			if backend.Calls() != 1 || !remembered(d, id) {
+				t.Errorf("backend calls %d, remembered %v; want 1 and true", backend.Calls(), remembered(d, id))
+			}
+			if takeovers(logs) != 1 {
+				t.Errorf("%d takeovers logged, want 1", takeovers(logs))
+			}
+			assertNoLocks(t, d)
+			assertDuplicate(t, deliverEvent(d, id, backend), id)
+		})
+	}
+}
+
+// A holder that keeps its lease fresh is never taken over, however long it
+// forwards; the waiting copy then finds the event delivered.
+func TestLockLiveHolderIsNotTakenOver(t *testing.T) {
+	st := newMemStorage()
+	here, logs := newLockTestDeduper(st)
+	there, _ := newLockTestDeduper(st)
+	const id = "evt_live_holder"
+	_, key, lockName := there.eventKeys(id)
+
+	// the other instance holds the event and forwards it slowly
+	held, _, err := there.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(there.timing.firstBeat)
+	backend := &testBackend{}
+	done := make(chan served)
+	go func() { done <- deliverEvent(here, id, backend) }()
+	time.Sleep(3 * fastLockTiming.staleAfter)
+	if takeovers(logs) != 0 || backend.Calls() != 0 {
+		t.Fatalf("a live holder was taken over (takeovers %d, forwards %d)", takeovers(logs), backend.Calls())
+	}
+	held.settle()
+	there.remember(context.Background(), held, id, http.StatusOK)
+	held.release()
+	assertDuplicate(t, waitFor(t, done, "the waiting copy"), id)
+	if backend.Calls() != 0 {
+		t.Errorf("backend called %d times, want 0", backend.Calls())
+	}
+	assertNoLocks(t, here)
+}
+
+// A copy does not wait without bound behind a live holder: it answers 503
+// (Kayle retries), and the holder keeps its lock.
+func TestLockWaitIsBounded(t *testing.T) {
+	st := newMemStorage()
+	here, _ := newLockTestDeduper(st)
+	here.timing.waitLimit = 2 * fastLockTiming.staleAfter
+	there, _ := newLockTestDeduper(st)
+	const id = "evt_slow_holder"
+	_, key, lockName := there.eventKeys(id)
+	held, _, err := there.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(there.timing.firstBeat)
+	defer func() { held.settle(); held.release() }()
+	busy := counterValue(t, requestsTotal.WithLabelValues("lock_busy"))
+
+	backend := &testBackend{}
+	res := deliverEvent(here, id, backend)
+	if res.Status != http.StatusServiceUnavailable || backend.Calls() != 0 {
+		t.Errorf("copy behind a live holder: status %d, %d forwards; want 503 and none", res.Status, backend.Calls())
+	}
+	if got := counterValue(t, requestsTotal.WithLabelValues("lock_busy")); got != busy+1 {
+		t.Errorf("lock_busy counted %v times, want 1", got-busy)
+	}
+	if held := st.heldLocks(); !slices.Equal(held, []string{lockName}) {
+		t.Errorf("held locks = %v, want the live holder's %s", held, lockName)
+	}
+}
+
+// A holder that stalled past the stale time and was taken over must not,
+// when it wakes, release the lock of the instance that took over: storage
+// Unlock checks no owner. Its own lease proves whose the lock is.
+func TestLockStalledHolderKeepsOffTheNewHoldersLock(t *testing.T) {
+	st := newMemStorage()
+	here, _ := newLockTestDeduper(st)
+	stalled, stalledLogs := newLockTestDeduper(st)
+	const id = "evt_stalled_holder"
+	_, key, lockName := stalled.eventKeys(id)
+	old, _, err := stalled.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// no heartbeat: the holder is stuck (a long pause, a hung storage call)
+
+	inBackend, finish := make(chan struct{}), make(chan struct{})
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
+		close(inBackend)
+		<-finish
+		_, err := w.Write([]byte("ok"))
+		return err
+	}}
+	done := make(chan served)
+	go func() { done <- deliverEvent(here, id, backend) }()
+	waitFor(t, inBackend, "the copy to take over and forward")
+	time.Sleep(3 * fastLockTiming.firstBeat) // the new holder's lease is written
+
+	old.settle() // the stalled holder wakes up and finishes
+	old.release()
+	if !old.lost.Load() {
+		t.Error("the stalled holder did not notice it lost the lock")
+	}
+	if held := st.heldLocks(); !slices.Equal(held, []string{lockName}) {
+		t.Fatalf("after the stalled holder released: held locks = %v, want the new holder's %s", held, lockName)
+	}
+	if stalledLogs.Len() != 0 {
+		t.Logf("stalled holder logged: %v", stalledLogs.All())
+	}
+	close(finish)
+	assertForwardedOK(t, waitFor(t, done, "the new holder"))
+	assertNoLocks(t, here)
+	assertNoLocks(t, stalled)
+}
+
+// A holder that finds its lease replaced while it forwards stops renewing
+// it and leaves the lock to the new holder.
+func TestLockHeartbeatNoticesATakeover(t *testing.T) {
+	st := newMemStorage()
+	d, logs := newLockTestDeduper(st)
+	const id = "evt_heartbeat_lost"
+	_, key, lockName := d.eventKeys(id)
+	held, _, err := d.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(d.timing.firstBeat)
+	time.Sleep(3 * d.timing.firstBeat)
+	writeLeaseAt(t, st, key, "someone_else", time.Now())
+	deadline := time.Now().Add(testWaitBound)
+	for !held.lost.Load() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	held.settle()
+	held.release()
+	if !held.lost.Load() || logs.FilterMessageSnippet("another instance took over").Len() != 1 {
+		t.Fatalf("lost = %v; the loss was not noticed and logged", held.lost.Load())
+	}
+	if got := st.heldLocks(); !slices.Equal(got, []string{lockName}) {
+		t.Errorf("held locks = %v; the lock was released from under the new holder", got)
+	}
+	var rec record
+	data, _ := st.Load(context.Background(), key)
+	if err := json.Unmarshal(data, &rec); err != nil || rec.Holder != "someone_else" {
+		t.Errorf("lease = %s (%v); the old holder overwrote the new holder's lease", data, err)
+	}
+}
+
+// A copy that waits behind a holder which already wrote the delivered record
+// answers as a duplicate without waiting for the lock.
+func TestLockWaiterSeesDeliveredRecord(t *testing.T) {
+	st := newMemStorage()
+	d, _ := newLockTestDeduper(st)
+	d.timing.waitLimit = time.Minute
+	const id = "evt_delivered_while_held"
+	hash, key, lockName := d.eventKeys(id)
+	if err := st.Lock(context.Background(), lockName); err != nil {
+		t.Fatal(err)
+	}
+	defer st.Unlock(context.Background(), lockName)
+	if err := d.commit(context.Background(), key, record{EventSHA256: hash}, http.StatusOK); err != nil {
+		t.Fatal(err)
+	}
+	backend := &testBackend{}
+	assertDuplicate(t, deliverEvent(d, id, backend), id)
+	if backend.Calls() != 0 {
+		t.Errorf("backend called %d times, want 0", backend.Calls())
+	}
+}
+
+// A failed forward leaves a sign of life, not a delivered record: copies
+// waiting then measure silence from it, and the next holder forwards.
+func TestLockFailedForwardLeavesALease(t *testing.T) {
+	st := newMemStorage()
+	d, _ := newLockTestDeduper(st)
+	const id = "evt_failed_lease"
+	_, key, _ := d.eventKeys(id)
+	res := deliverEvent(d, id, &testBackend{Respond: respondStatus(http.StatusBadGateway)})
+	if res.Status != http.StatusBadGateway {
+		t.Fatalf("status %d, want the backend's 502", res.Status)
+	}
+	var rec record
+	data, err := st.Load(context.Background(), key)
+	if err != nil || json.Unmarshal(data, &rec) != nil {
+		t.Fatalf("no lease after a failed forward: %v", err)
+	}
+	if !rec.DeliveredAt.IsZero() || rec.Holder == "" || rec.HeartbeatAt.IsZero() {
+		t.Errorf("record after a failed forward = %+v; want a lease, not a delivery", rec)
+	}
+	assertNoLocks(t, d)
+	assertForwardedOK(t, deliverEvent(d, id, &testBackend{}))
+}
+
+// The sweep lock is covered too: a sweeper that died holding it is taken
+// over and the sweep runs.
+func TestSweepTakesOverADeadSweepersLock(t *testing.T) {
+	st := newMemStorage()
+	now := time.Now()
+	d, logs := newLockTestDeduper(st)
+	fixture := newSweepFixture(t, st, now)
+	lockName := "kayle_webhook_sweep_" + hashHex(d.prefix)[:32]
+	if err := st.Lock(context.Background(), lockName); err != nil {
+		t.Fatal(err)
+	}
+	writeLeaseAt(t, st, path.Join(testPrefix, sweepLeaseName), "dead", now.Add(-time.Hour))
+	if err := d.sweep(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if takeovers(logs) != 1 {
+		t.Errorf("%d takeovers logged, want 1", takeovers(logs))
+	}
+	fixture.assertSwept(t, d)
+	if held := st.heldLocks(); len(held) > 0 {
+		t.Errorf("locks held after the sweep: %v", held)
+	}
+}
+
+// A sweep behind a live sweeper gives up without an error.
+func TestSweepLeavesALiveSweeperAlone(t *testing.T) {
+	st := newMemStorage()
+	d, logs := newLockTestDeduper(st)
+	other, _ := newLockTestDeduper(st)
+	lockName := "kayle_webhook_sweep_" + hashHex(d.prefix)[:32]
+	held, _, err := other.acquire(context.Background(), lockName, path.Join(testPrefix, sweepLeaseName), "sweep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := held.writeLease(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(other.timing.beatEvery)
+	defer func() { held.settle(); held.release() }()
+	if err := d.sweep(context.Background()); err != nil {
+		t.Errorf("sweep behind a live sweeper: %v", err)
+	}
+	if takeovers(logs) != 0 || st.callCount("List") != 0 {
+		t.Errorf("took over a live sweeper (takeovers %d, lists %d)", takeovers(logs), st.callCount("List"))
+	}
+}
+
+// The handler answers 503, never waits forever, when the storage's Lock
+// fails outright.
+func TestLockStorageFailure(t *testing.T) {
+	st := newMemStorage()
+	d, _ := newLockTestDeduper(st)
+	st.fail("Lock", errInjected)
+	res := deliverEvent(d, "evt_lock_fails", &testBackend{})
+	if he, ok := errors.AsType[caddyhttp.HandlerError](res.Err); !ok || he.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("got %v, want a 503", res.Err)
+	}
+}
