@@ -33,31 +33,35 @@ type receiver struct {
 }
 
 func (rc *receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	code, status := rc.receive(w, r)
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(map[string]string{"status": status})
+}
+
+// receive processes one forward and returns the answer's status code and text.
+func (rc *receiver) receive(w http.ResponseWriter, r *http.Request) (int, string) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 16<<20))
 	if err != nil {
-		answer(w, http.StatusBadRequest, "unreadable body")
-		return
+		return http.StatusBadRequest, "unreadable body"
 	}
 	// Verify checks webhook-id/-timestamp/-signature with 5 minutes' tolerance;
 	// the idempotency key must be the id the signature covers.
 	eventID := r.Header.Get("X-Kayle-Event-Id")
 	if rc.webhook.Verify(body, r.Header) != nil || eventID != r.Header.Get("webhook-id") {
-		answer(w, http.StatusUnauthorized, "bad signature")
-		return
+		return http.StatusUnauthorized, "bad signature"
 	}
 	var event struct {
 		Type string `json:"type"`
 	}
 	if json.Unmarshal(body, &event) != nil || event.Type == "" {
-		answer(w, http.StatusBadRequest, "not a Kayle event")
-		return
+		return http.StatusBadRequest, "not a Kayle event"
 	}
 
 	rc.mu.Lock() // one copy of an event at a time
 	defer rc.mu.Unlock()
 	if rc.processed[eventID] {
-		answer(w, http.StatusOK, "duplicate")
-		return
+		return http.StatusOK, "duplicate"
 	}
 	status, known := statusOf[event.Type]
 	if !known {
@@ -66,17 +70,10 @@ func (rc *receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// your application: set the verification session's status (metadata.
 	// verification_session_id); the consented claims are in data.claims
 	if err := rc.log.Encode(map[string]string{"event_id": eventID, "type": event.Type, "status": status}); err != nil {
-		answer(w, http.StatusInternalServerError, "cannot record it")
-		return
+		return http.StatusInternalServerError, "cannot record it"
 	}
 	rc.processed[eventID] = true
-	answer(w, http.StatusOK, status)
-}
-
-func answer(w http.ResponseWriter, code int, status string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]string{"status": status})
+	return http.StatusOK, status
 }
 
 func main() {
