@@ -3,9 +3,7 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,20 +21,6 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/spf13/cobra"
 )
-
-func init() {
-	caddycmd.RegisterCommand(caddycmd.Command{
-		Name:  "kayle",
-		Usage: "send [flags]",
-		Short: "Tools for the kayle_webhook handler",
-		Long: `
-Tools for testing a kayle_webhook gateway. Run "caddy kayle send --help".
-`,
-		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(newSendCommand())
-		},
-	})
-}
 
 // Defaults of "caddy kayle send". Each matches Caddyfile.example, including
 // the environment variables it reads, so a bare send reaches a gateway
@@ -598,11 +582,6 @@ func flipLastHexDigit(header string) string {
 	return header[:last] + string(digits[i^1])
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // crypto/rand.Read never fails
-	return hex.EncodeToString(b)
-}
 
 func corruptionNames() string {
 	names := make([]string, 0, len(corruptions))
@@ -613,12 +592,6 @@ func corruptionNames() string {
 	return strings.Join(names, ", ")
 }
 
-func withNewline(b []byte) string {
-	if len(b) > 0 && b[len(b)-1] != '\n' {
-		return string(b) + "\n"
-	}
-	return string(b)
-}
 
 func orNone(s string) string {
 	if s == "" {
