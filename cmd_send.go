@@ -582,7 +582,6 @@ func flipLastHexDigit(header string) string {
 	return header[:last] + string(digits[i^1])
 }
 
-
 func corruptionNames() string {
 	names := make([]string, 0, len(corruptions))
 	for name := range corruptions {
@@ -591,7 +590,6 @@ func corruptionNames() string {
 	slices.Sort(names)
 	return strings.Join(names, ", ")
 }
-
 
 func orNone(s string) string {
 	if s == "" {
