@@ -3,6 +3,7 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
+	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -100,8 +101,10 @@ paths are relative to the current directory.
     testdata/demo/demo-key.pem.
 
 --kid <key id>
-    The kid in the JWE header. Default: the JWK's kid, else $KAYLE_KEY_ID,
-    else "demo". --kid "" sends no kid (the gateway then tries every key).
+    The kid in the JWE header. Default: the JWK's kid; else, without --key,
+    $KAYLE_KEY_ID; else "demo" for the demo key. Any other key without a
+    kid is refused: pass its --kid. --kid "" sends no kid (the gateway then
+    tries every key).
 
 --enc <A256GCM|A192GCM|A128GCM>
     The content encryption. Default: A256GCM, as Kayle.
@@ -144,7 +147,7 @@ paths are relative to the current directory.
 	f.String("payload", "", "file holding the plaintext payload to send as is, instead of a sample")
 	f.String("event-id", "", "metadata.event_id of the sample (default: a fresh evt_…)")
 	f.String("key", "", "RSA public or private key file to encrypt to (default "+sendDefaultKeyFile+")")
-	f.String("kid", "", `kid in the JWE header (default: the JWK's kid, else "demo")`)
+	f.String("kid", "", `kid in the JWE header (default: the JWK's kid, or "demo" for the demo key)`)
 	f.String("enc", "A256GCM", "content encryption: A256GCM, A192GCM or A128GCM")
 	f.String("secret-file", "", "file holding the signing secret (default "+sendDefaultSecretFile+")")
 	f.String("secret", "", "the signing secret itself (prefer --secret-file)")
@@ -290,10 +293,14 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		p.kid = o.KID
 	case jwkKID != "":
 		p.kid = jwkKID
-	case os.Getenv("KAYLE_KEY_ID") != "":
+	case o.KeyFile == "" && os.Getenv("KAYLE_KEY_ID") != "":
+		// the key is $KAYLE_KEY_FILE's, which Caddyfile.example pairs with it
 		p.kid = os.Getenv("KAYLE_KEY_ID")
-	default:
+	case isDemoKey(pub):
 		p.kid = sendDefaultKID
+	default:
+		// a guessed kid would only get a 500 from the gateway
+		return nil, fmt.Errorf("%s holds no kid and is not the demo key: pass --kid <the key_id it is registered under at Kayle> (or --kid \"\" to send none; the gateway then tries every key)", keyFile)
 	}
 	if p.corrupt == "kid" {
 		p.kid = unknownKID
@@ -312,6 +319,13 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		}
 	}
 	return p, nil
+}
+
+// isDemoKey reports whether pub is the public half of the demo key (when
+// the demo key file is where the defaults expect it).
+func isDemoKey(pub *rsa.PublicKey) bool {
+	demo, _, err := LoadPublicKeyFile(sendDefaultKeyFile)
+	return err == nil && demo.Equal(pub)
 }
 
 // makePayload reads --payload or builds the sample, and sets the type and id
