@@ -162,11 +162,11 @@ func (lc *loadedConfig) dedupeHandler(prefix string) (configuredHandler, string,
 		picked = append(picked, candidate{c, p})
 	}
 	list := func(cs []candidate) string {
-		var b strings.Builder
-		for _, c := range cs {
-			fmt.Fprintf(&b, "\n  --prefix %s   (%s)", c.prefix, c.c.where)
+		items := make([]string, len(cs))
+		for i, c := range cs {
+			items[i] = fmt.Sprintf("--prefix %s (at %s)", c.prefix, c.c.where)
 		}
-		return b.String()
+		return " " + strings.Join(items, "; ")
 	}
 	switch {
 	case len(all) == 0:
