@@ -216,8 +216,13 @@ func TestDeduperForgetWaitsForAForwardInFlight(t *testing.T) {
 		found, err := d.forget(ctx, "evt_in_flight")
 		done <- result{found, err}
 	}()
-	if got := <-storage.locking; got != lockName {
-		t.Fatalf("forget locked %q, want the event's lock %q", got, lockName)
+	select {
+	case got := <-storage.locking:
+		if got != lockName {
+			t.Fatalf("forget locked %q, want the event's lock %q", got, lockName)
+		}
+	case res := <-done:
+		t.Fatalf("forget ended (found %v, %v) without taking the event's lock", res.found, res.err)
 	}
 	// the backend answered 2xx: the forward writes its record, then unlocks
 	if err := d.commit(ctx, recordKey, eventHash, http.StatusOK); err != nil {
