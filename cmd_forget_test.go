@@ -255,3 +255,44 @@ func TestDeduperForgetWaitsForAForwardInFlight(t *testing.T) {
 		t.Errorf("forget of an unknown event: %v, %v", found, err)
 	}
 }
+
+// A JSON config is read as is, with handlers nested anywhere in the http
+// app (here a subroute in a server's error routes); a Caddyfile under
+// another name is read with --adapter.
+func TestForgetCommandConfigFormats(t *testing.T) {
+	root := t.TempDir()
+	key, _ := filepath.Abs(demoKeyFile)
+	jsonConfig := fmt.Sprintf(`{
+  "storage": {"module": "file_system", "root": %q},
+  "apps": {"http": {"servers": {"gw": {
+    "listen": [":9"],
+    "errors": {"routes": [{"handle": [{"handler": "subroute", "routes": [{"handle": [
+      {"handler": "kayle_webhook", "signing_secrets": ["whsec_0123456789abcdef0123"],
+       "decryption_keys": [{"kid": "demo", "file": %q}], "dedupe_prefix": "kayle/errors"}
+    ]}]}]}]}
+  }}}}
+}`, root, key)
+	jsonFile := filepath.Join(t.TempDir(), "gateway.json")
+	if err := os.WriteFile(jsonFile, []byte(jsonConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var b testIO
+	if err := runForget(context.Background(), forgetOptions{Config: jsonFile, EventIDs: []string{"evt_1"}}, b.io("")); err != nil {
+		t.Fatal(err)
+	}
+	if want := "under kayle/errors in the global storage FileStorage:" + root; !strings.Contains(b.out.String(), want) {
+		t.Errorf("output lacks %q:\n%s", want, b.out.String())
+	}
+
+	conf := filepath.Join(t.TempDir(), "gateway.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf("{\n\tstorage file_system %q\n}\nhttp://127.0.0.1:9 {\n%s}\n", root, kayleBlock(t, ""))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b = testIO{}
+	if err := runForget(context.Background(), forgetOptions{Config: conf, Adapter: "caddyfile", EventIDs: []string{"evt_1"}}, b.io("")); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.out.String(), "under kayle_webhook/events") {
+		t.Errorf("--adapter caddyfile: %s", b.out.String())
+	}
+}
