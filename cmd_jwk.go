@@ -87,7 +87,7 @@ func runJWK(path, kid string, s cmdIO) error {
 	}
 	if _, _, err := loadPrivateKeyFile(path); err == nil {
 		if abs, err := filepath.Abs(path); err == nil {
-			fmt.Fprintf(s.notes, "Register the public JWK (on stdout) at Kayle as key_id %s. Then, in the kayle_webhook block:\n\n\t%s\n\n", kid, caddyfileLine(kid, abs))
+			printKeyInstructions(s.notes, kid, abs)
 		}
 	}
 	return nil

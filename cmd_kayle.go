@@ -96,6 +96,11 @@ func (j publicJWK) marshal() ([]byte, error) {
 	return append(data, '\n'), nil
 }
 
+// printKeyInstructions tells what to do with a key's JWK and file.
+func printKeyInstructions(w io.Writer, kid, path string) {
+	fmt.Fprintf(w, "Register the public JWK (on stdout) at Kayle as key_id %s. Then, in the kayle_webhook block:\n\n\t%s\n\n", kid, caddyfileLine(kid, path))
+}
+
 // caddyfileLine is the kayle_webhook subdirective that installs a key file.
 func caddyfileLine(kid, path string) string {
 	return "decryption_key " + caddyfileToken(kid) + " " + caddyfileToken(path)

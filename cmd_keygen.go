@@ -143,7 +143,7 @@ func runKeygen(o keygenOptions, s cmdIO) error {
 		return err
 	}
 	fmt.Fprintf(s.notes, "Wrote the private key (RSA %d, PKCS#8 PEM, mode 0600) to %s: keep it secret.\n", o.Bits, path)
-	fmt.Fprintf(s.notes, "Register the public JWK (on stdout) at Kayle as key_id %s. Then, in the kayle_webhook block:\n\n\t%s\n\n", o.KID, caddyfileLine(o.KID, path))
+	printKeyInstructions(s.notes, o.KID, path)
 	fmt.Fprintln(s.notes, "Keep the old decryption_key lines: retries and replays of older deliveries stay encrypted to the old keys.")
 	return nil
 }
