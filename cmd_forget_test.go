@@ -181,14 +181,19 @@ func TestForgetCommandRefusals(t *testing.T) {
 	}
 }
 
-// lockSignal is a storage that reports each Lock call before making it.
+// lockSignal is a storage that reports Lock calls before making them (the
+// first ones: a waiter retries Lock every poll, and nobody reads the later
+// reports).
 type lockSignal struct {
 	certmagic.Storage
 	locking chan string
 }
 
 func (s lockSignal) Lock(ctx context.Context, name string) error {
-	s.locking <- name
+	select {
+	case s.locking <- name:
+	default:
+	}
 	return s.Storage.Lock(ctx, name)
 }
 
@@ -225,7 +230,7 @@ func TestDeduperForgetWaitsForAForwardInFlight(t *testing.T) {
 		t.Fatalf("forget ended (found %v, %v) without taking the event's lock", res.found, res.err)
 	}
 	// the backend answered 2xx: the forward writes its record, then unlocks
-	if err := d.commit(ctx, recordKey, eventHash, http.StatusOK); err != nil {
+	if err := d.commit(ctx, recordKey, record{EventSHA256: eventHash}, http.StatusOK); err != nil {
 		t.Fatal(err)
 	}
 	if err := fs0.Unlock(ctx, lockName); err != nil {

@@ -100,6 +100,7 @@ func TestKeygenCommandWritesKeyAndPrintsJWK(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := newTestHandler(t, func(h *Handler) {
+		h.SigningSecrets = []string{"whsec_not_the_demo_secret_0123456789"} // the demo's would be refused beside k1
 		h.DecryptionKeys = []KeyFile{{KeyID: "k1", File: abs}}
 	})
 	body, err := EncryptDelivery(eventPayload("evt_keygen"), jwk.Key.(*rsa.PublicKey), jwk.KeyID, jose.A256GCM)

@@ -3,7 +3,6 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
-	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -319,13 +318,6 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		}
 	}
 	return p, nil
-}
-
-// isDemoKey reports whether pub is the public half of the demo key (when
-// the demo key file is where the defaults expect it).
-func isDemoKey(pub *rsa.PublicKey) bool {
-	demo, _, err := LoadPublicKeyFile(sendDefaultKeyFile)
-	return err == nil && demo.Equal(pub)
 }
 
 // makePayload reads --payload or builds the sample, and sets the type and id

@@ -3,6 +3,7 @@ package caddytest
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -42,7 +43,7 @@ func runKayle(t *testing.T, args ...string) (string, error) {
 // temporary folder and returns a function that makes a delivery with it: a
 // Kayle sender that shares no code with this project. It needs node (20 or
 // later) and npm with access to the npm registry.
-func joseSender(t *testing.T) func(jwkFile string, plaintext []byte) (signature string, body []byte) {
+func joseSender(t *testing.T) func(jwkFile, secretFile string, plaintext []byte) (signature string, body []byte) {
 	t.Helper()
 	dir := t.TempDir()
 	for _, name := range []string{"package.json", "sender.mjs"} {
@@ -59,9 +60,9 @@ func joseSender(t *testing.T) func(jwkFile string, plaintext []byte) (signature 
 	if out, err := install.CombinedOutput(); err != nil {
 		t.Fatalf("npm install in %s (this test needs node 20+ and npm): %v\n%s", dir, err, out)
 	}
-	return func(jwkFile string, plaintext []byte) (string, []byte) {
+	return func(jwkFile, secretFile string, plaintext []byte) (string, []byte) {
 		t.Helper()
-		cmd := exec.Command("node", "sender.mjs", jwkFile, demo.secretPath)
+		cmd := exec.Command("node", "sender.mjs", jwkFile, secretFile)
 		cmd.Dir = dir
 		cmd.Stdin = bytes.NewReader(plaintext)
 		var stderr bytes.Buffer
@@ -104,11 +105,17 @@ func TestKeygenKeyOpensAnIndependentSendersDelivery(t *testing.T) {
 
 	be := newBackend(t)
 	gw := h.gateway(be)
-	gw.kayleExtra = "\t\tdecryption_key k-2026 " + filepath.Join(keys, "k-2026.pem") + "\n"
+	// the user's own secret beside the user's own key: the demo's would be
+	// refused as a mix
+	secretFile := filepath.Join(keys, "secret.txt")
+	if err := os.WriteFile(secretFile, []byte("whsec_"+randomHex(t, 24)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	gw.material = fmt.Sprintf("\t\tsigning_secret {file.%s}\n\t\tdecryption_key k-2026 %s\n", secretFile, filepath.Join(keys, "k-2026.pem"))
 	h.load(gw.caddyfile())
 
 	ev := newEvent(t, nil)
-	sig, body := send(jwkFile, ev.payload)
+	sig, body := send(jwkFile, secretFile, ev.payload)
 	req, err := http.NewRequest(http.MethodPost, gw.url(), bytes.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
