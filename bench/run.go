@@ -32,6 +32,7 @@ type setup struct {
 	floorURL, nodeURL, backend      string
 	gw, boring                      gatewayPorts
 	gwProc, boringProc              *proc
+	lastRate                        map[string]float64 // by row, the last round's
 }
 
 func (s *setup) close(keep bool) {
@@ -55,7 +56,7 @@ func run(o options, command string) (missed int, err error) {
 			return 0, err
 		}
 	}
-	s := &setup{}
+	s := &setup{lastRate: map[string]float64{}}
 	defer func() { s.close(o.keep) }()
 	if err := s.start(o); err != nil {
 		return 0, err
@@ -221,6 +222,10 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 	if rw.size > 600 {
 		n = o.maxLarge
 	}
+	if last := s.lastRate[rw.name]; last > 0 {
+		// generating unused deliveries costs time: plan for 1.5x the last round
+		n = min(n, int(last*1.5*o.duration.Seconds())+o.conc)
+	}
 	warm := 2 * o.conc
 	var ds []delivery
 	var err error
@@ -241,6 +246,7 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 		go func() { done <- savePprof(rw.admin, "profile?seconds="+strconv.Itoa(secs), file) }()
 	}
 	res := closedLoop(rw.url, ds, warm, o.conc, o.duration, want)
+	s.lastRate[rw.name] = res.rate()
 	if profiled {
 		if err := <-done; err != nil {
 			logf("cpu profile of %s: %v", rw.name, err)
