@@ -25,6 +25,7 @@ type options struct {
 	out      string
 	pprofDir string
 	keep     bool
+	rssOnly  bool
 }
 
 func main() {
@@ -39,6 +40,7 @@ func main() {
 	flag.StringVar(&o.out, "o", "BENCHMARKS.md", "report file")
 	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU profiles of the RSA-2048 gateway rows (first round) and a heap profile mid-RSS-test into this folder, from Caddy's admin /debug/pprof")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work folder (binaries, Caddyfiles, logs)")
+	flag.BoolVar(&o.rssOnly, "rss-only", false, "run only the memory test and print it (no BENCHMARKS.md)")
 	flag.Parse()
 
 	switch *serve {

@@ -131,6 +131,8 @@ func (r *report) write(file string) (int, error) {
 	fmt.Fprintf(&b, "| peak RSS (VmHWM), 64 concurrent 1 MiB deliveries | %s | | < 256 MiB | %s |\n", mib(hwm), verdict(hwm > 0 && hwm < 256<<20 && r.rss.non2xx == 0))
 	grew := len(r.rss.hwm) > 1 && r.rss.hwm[len(r.rss.hwm)-1] > r.rss.hwm[0]+r.rss.hwm[0]/10
 	fmt.Fprintf(&b, "| VmHWM growth over %d waves | %s → %s | | ≤ 10 %% | %s |\n", len(r.rss.hwm), mib(first(r.rss.hwm)), mib(hwm), verdict(len(r.rss.hwm) > 1 && !grew))
+	settledOK := r.rss.settled > 0 && r.rss.settled <= r.rss.liveBase+16<<20
+	fmt.Fprintf(&b, "| Go heap 2 s after the last wave (forced GC) vs before | %s vs %s | | ≤ +16 MiB | %s |\n", mib(r.rss.settled), mib(r.rss.liveBase), verdict(settledOK))
 	var bad []string
 	for _, name := range r.order {
 		for _, res := range r.results[name] {
@@ -169,11 +171,11 @@ func (r *report) write(file string) (int, error) {
 		"Storage per new event over it says how many such round trips the dedupe path pays.\n\n")
 
 	b.WriteString("## Memory, 64 concurrent 1 MiB deliveries per wave (fresh Caddy, dedupe tmpfs)\n\n")
-	fmt.Fprintf(&b, "VmRSS before: %s.", mib(r.rss.baseline))
+	fmt.Fprintf(&b, "Before: VmRSS %s, Go heap %s (after a forced GC).", mib(r.rss.baseline), mib(r.rss.liveBase))
 	for i := range r.rss.hwm {
-		fmt.Fprintf(&b, " Wave %d: VmHWM %s, VmRSS %s.", i+1, mib(r.rss.hwm[i]), mib(r.rss.rss[i]))
+		fmt.Fprintf(&b, " Wave %d: VmHWM %s, VmRSS %s, Go heap %s.", i+1, mib(r.rss.hwm[i]), mib(r.rss.rss[i]), mib(r.rss.live[i]))
 	}
-	b.WriteString("\n")
+	fmt.Fprintf(&b, " 2 s later: Go heap %s.\n", mib(r.rss.settled))
 	if err := os.WriteFile(file, []byte(b.String()), 0o644); err != nil {
 		return 0, err
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -14,8 +15,11 @@ import (
 // deliveries.
 type rssResult struct {
 	baseline int64   // VmRSS before the first wave
+	liveBase int64   // Go heap in use before the first wave, after a forced GC
+	settled  int64   // Go heap in use 2 s after the last wave, after a forced GC
 	hwm      []int64 // VmHWM after each wave
 	rss      []int64 // VmRSS after each wave
+	live     []int64 // Go heap in use after each wave, after a forced GC
 	non2xx   int
 }
 
@@ -42,6 +46,10 @@ func measureRSS(binary, work string, waves int, newConfig func(gatewayPorts) str
 	if out.baseline, err = p.memory("VmRSS"); err != nil {
 		return out, err
 	}
+	if out.liveBase, err = liveHeap(g.admin); err != nil {
+		return out, err
+	}
+	logf("rss before: VmRSS %s, live heap %s", mib(out.baseline), mib(out.liveBase))
 	client := newClient(conc)
 	defer client.CloseIdleConnections()
 	for wave := range waves {
@@ -77,8 +85,23 @@ func measureRSS(binary, work string, waves int, newConfig func(gatewayPorts) str
 		if err != nil {
 			return out, err
 		}
-		out.hwm, out.rss = append(out.hwm, hwm), append(out.rss, rss)
-		logf("rss wave %d: VmHWM %s, VmRSS %s", wave+1, mib(hwm), mib(rss))
+		live, err := liveHeap(g.admin)
+		if err != nil {
+			return out, err
+		}
+		out.hwm, out.rss, out.live = append(out.hwm, hwm), append(out.rss, rss), append(out.live, live)
+		logf("rss wave %d: VmHWM %s, VmRSS %s, live heap %s", wave+1, mib(hwm), mib(rss), mib(live))
+	}
+	// handlers may still be writing their dedupe records after the answers
+	time.Sleep(2 * time.Second)
+	if out.settled, err = liveHeap(g.admin); err != nil {
+		return out, err
+	}
+	logf("rss settled: live heap %s", mib(out.settled))
+	if pprofDir != "" {
+		if err := savePprof(g.admin, "heap", filepath.Join(pprofDir, "rss-settled.heap.pprof")); err != nil {
+			logf("heap profile: %v", err)
+		}
 	}
 	return out, nil
 }
@@ -102,4 +125,27 @@ func savePprof(adminPort int, profile, file string) error {
 	defer f.Close()
 	_, err = io.Copy(f, res.Body)
 	return err
+}
+
+// liveHeap forces a collection in Caddy (through pprof's gc=1) and reads
+// the heap left, from the admin endpoint's expvar memstats.
+func liveHeap(adminPort int) (int64, error) {
+	res, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/heap?gc=1", adminPort))
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	res, err = http.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/vars", adminPort))
+	if err != nil {
+		return 0, err
+	}
+	defer res.Body.Close()
+	var vars struct {
+		Memstats struct{ HeapAlloc int64 } `json:"memstats"`
+	}
+	if err := json.NewDecoder(res.Body).Decode(&vars); err != nil {
+		return 0, fmt.Errorf("admin /debug/vars: %v", err)
+	}
+	return vars.Memstats.HeapAlloc, nil
 }

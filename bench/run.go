@@ -61,6 +61,10 @@ func run(o options, command string) (missed int, err error) {
 	if err := s.start(o); err != nil {
 		return 0, err
 	}
+	if o.rssOnly {
+		_, err := measureRSS(s.caddyBin, s.work, o.rssWaves, s.config, s.k2048, o.pprofDir)
+		return 0, err
+	}
 	rep := &report{opts: o, command: command, started: time.Now(), nodeInfo: s.nodeInfo, diskFS: s.diskFS}
 
 	rows := s.rows()
