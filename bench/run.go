@@ -216,8 +216,8 @@ func (s *setup) rows() []row {
 		{name: floorLarge, url: s.floorURL, key: s.k2048, size: 200 << 10},
 		{name: nodeLarge, url: s.nodeURL, key: s.k2048, size: 200 << 10},
 		{name: gatewayLarge, url: gw.url(gw.tmpfs), key: s.k2048, size: 200 << 10, caddy: s.gwProc, admin: gw.admin},
-		{name: forgedGateway, url: gw.url(gw.off), key: s.k2048, forged: true},
-		{name: forgedRespond, url: gw.url(gw.refuse), key: s.k2048, forged: true},
+		{name: forgedGateway, url: gw.url(gw.off), key: s.k2048, forged: true, caddy: s.gwProc, admin: gw.admin},
+		{name: forgedRespond, url: gw.url(gw.refuse), key: s.k2048, forged: true, caddy: s.gwProc, admin: gw.admin},
 	}
 }
 
@@ -242,7 +242,7 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 	if err != nil {
 		return result{}, err
 	}
-	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048)
+	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048 || rw.name == forgedGateway)
 	done := make(chan error, 1)
 	if profiled {
 		file := filepath.Join(o.pprofDir, profileName(rw.name)+".cpu.pprof")
