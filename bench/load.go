@@ -121,13 +121,16 @@ func closedLoop(url string, ds []delivery, warm, conc int, maxDur time.Duration,
 // request from when it was due, so a stalled server is charged for the
 // requests queued behind it.
 func openLoop(url string, ds []delivery, rate float64, dur time.Duration) result {
-	const maxInFlight = 512
-	client := newClient(maxInFlight)
+	// Requests due while every connection is busy wait for one (their
+	// latency still counts from when they were due); more connections would
+	// overflow the listen backlog, and a dropped SYN costs a 1 s retransmit.
+	const maxInFlight, conns = 512, 64
+	client := newClient(conns)
 	defer client.CloseIdleConnections()
 	interval := time.Duration(float64(time.Second) / rate)
 	// open a few connections first, so the first due times are not charged
 	// with the handshakes
-	const warm = 8
+	const warm = 16
 	var wg sync.WaitGroup
 	for i := range min(warm, len(ds)) {
 		wg.Go(func() { _, _ = post(client, url, ds[i]) })
