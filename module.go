@@ -5,10 +5,10 @@
 package kaylewebhook
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"time"
@@ -441,13 +441,40 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 	// and drain or drop the connection, or it would parse the rest as the
 	// next request. (Caddy's wrapped writer hides MaxBytesReader's signal.)
 	body := http.MaxBytesReader(w, r.Body, limit)
-	// Memory grows with the bytes that arrive, not with what Content-Length
-	// promises: a client declaring 4 MiB and sending nothing pins little.
-	buf := bytes.NewBuffer(make([]byte, 0, min(max(r.ContentLength, 0), initialBodyBuffer)+bytes.MinRead))
-	if _, err := buf.ReadFrom(body); err != nil {
-		return nil, err
+	// Memory grows with the bytes that arrive, never to more than three
+	// times them: a client declaring 4 MiB and sending nothing pins little.
+	// The buffer doubles, but jumps to the declared Content-Length once that
+	// is within three times what arrived, so it ends at the body's size
+	// instead of doubling past it (a 1.4 MB body used to end in a 2.2 MB
+	// buffer, after 4.2 MB of allocations). The spare byte lets a read see
+	// EOF, or the limit passed, without growing.
+	size := limit
+	if r.ContentLength >= 0 {
+		size = r.ContentLength
 	}
-	return buf.Bytes(), nil
+	buf := make([]byte, 0, min(size, initialBodyBuffer)+1)
+	for {
+		if len(buf) == cap(buf) {
+			if int64(len(buf)) > size {
+				size = limit // longer than declared: only the limit bounds it
+			}
+			next := 2 * int64(len(buf))
+			if size <= 3*int64(len(buf)) {
+				next = size + 1
+			}
+			grown := make([]byte, len(buf), min(next, size+1))
+			copy(grown, buf)
+			buf = grown
+		}
+		n, err := body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
