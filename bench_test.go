@@ -23,7 +23,7 @@ func benchVector(b *testing.B, name string) (*Handler, func() *http.Request, int
 		}
 		h := vectorHandler(b, m, c, b.TempDir())
 		h.dedupe = nil
-		h.logger = zap.NewNop()
+		h.setLogger(zap.NewNop())
 		body := readVectorFile(b, c.Request.BodyFile)
 		return h, func() *http.Request {
 			req := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(body))

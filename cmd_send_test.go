@@ -87,7 +87,7 @@ func newSendGateway(t *testing.T, dedupe bool) *sendGateway {
 	}
 	t.Cleanup(func() { _ = h.Cleanup() })
 	// the bare context's development logger prints a stack trace per rejection
-	h.logger = zaptest.NewLogger(t)
+	h.setLogger(zaptest.NewLogger(t))
 
 	g := new(sendGateway)
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {

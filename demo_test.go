@@ -103,7 +103,7 @@ func checkDemo(t *testing.T, h *Handler, listen []string) (*observer.ObservedLog
 		t.Fatal(err)
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
-	h.logger = zap.New(core)
+	h.setLogger(zap.New(core))
 	parent := context.Background()
 	if listen != nil {
 		parent = context.WithValue(parent, caddyhttp.ServerCtxKey, &caddyhttp.Server{Listen: listen})

@@ -21,6 +21,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"github.com/dustin/go-humanize"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 func init() {
@@ -40,6 +41,8 @@ const (
 	minDedupeWindow     = 8 * 24 * time.Hour
 	defaultDedupePrefix = "kayle_webhook/events"
 	minSecretLen        = 16
+	// rejectLogBurst is how many refusals a second are logged.
+	rejectLogBurst = 20
 	// initialBodyBuffer caps what a declared Content-Length preallocates.
 	initialBodyBuffer = 64 << 10
 )
@@ -119,6 +122,7 @@ type Handler struct {
 	tolerance    time.Duration
 	dedupe       *deduper
 	logger       *zap.Logger
+	rejectLogger *zap.Logger // logger, sampled: see setLogger
 	now          func() time.Time
 	exiting      func() bool
 }
@@ -142,7 +146,7 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision resolves secrets, loads the keys and opens the dedupe storage.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	h.logger = ctx.Logger()
+	h.setLogger(ctx.Logger())
 	if h.now == nil {
 		h.now = time.Now
 	}
@@ -297,6 +301,16 @@ func (h *Handler) provisionDedupe(ctx caddy.Context) error {
 	return nil
 }
 
+// setLogger sets the handler's logger. A flood of forged requests must not
+// become a flood of log lines (nor cost one each): refusals are logged at
+// most rejectLogBurst a second, and every one is still counted.
+func (h *Handler) setLogger(logger *zap.Logger) {
+	h.logger = logger
+	h.rejectLogger = logger.WithOptions(zap.WrapCore(func(core zapcore.Core) zapcore.Core {
+		return zapcore.NewSamplerWithOptions(core, time.Second, rejectLogBurst, 0)
+	}))
+}
+
 // Validate checks the configuration for values that can never work.
 func (h *Handler) Validate() error {
 	if h.MaxBodySize < 0 {
@@ -410,7 +424,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // reject logs why a delivery is refused (never with any of its content) and
 // returns the error Caddy answers with.
 func (h *Handler) reject(r *http.Request, status int, reason string, err error, deliveryID string) error {
-	h.logger.Warn("rejected delivery",
+	h.rejectLogger.Warn("rejected delivery",
 		zap.Int("status", status), zap.String("reason", reason),
 		zap.String("delivery_id", deliveryID), zap.Error(err))
 	countRequest("rejected_" + reason)
@@ -418,13 +432,16 @@ func (h *Handler) reject(r *http.Request, status int, reason string, err error, 
 	return caddyhttp.Error(status, err)
 }
 
-// closeAfterUnreadBody makes an HTTP/1 refusal that leaves (part of) the
-// body unread end the connection. Otherwise net/http, which no longer sees
-// its own body type under Caddy's wrappers, reads up to 256 KB of the body
-// before sending the answer: a client waiting for 100 Continue would get no
-// answer until the idle timeout, and a forged flood would cost its bodies.
+// closeAfterUnreadBody ends the connection after a refusal to a client that
+// waits for 100 Continue before sending its body. Otherwise net/http, which
+// no longer sees its own body type under Caddy's wrappers, would read up to
+// 256 KB of the body before answering, and so ask for it with a 100
+// Continue that the client waits for. A client that sends its body without
+// waiting is left to net/http's own handling (it reads up to 256 KB, then
+// closes gracefully): closing at once would reset the connection under a
+// body still arriving, and the client would lose the answer.
 func closeAfterUnreadBody(w http.ResponseWriter, r *http.Request) {
-	if r.ProtoMajor == 1 && r.ContentLength != 0 {
+	if r.ProtoMajor == 1 && r.ContentLength != 0 && strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
 		w.Header().Set("Connection", "close")
 	}
 }
