@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -22,7 +23,7 @@ func benchVector(b *testing.B, name string) (*Handler, func() *http.Request, int
 		}
 		h := vectorHandler(b, m, c, b.TempDir())
 		h.dedupe = nil
-		h.logger = zap.NewNop()
+		h.setLogger(zap.NewNop())
 		body := readVectorFile(b, c.Request.BodyFile)
 		return h, func() *http.Request {
 			req := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(body))
@@ -99,5 +100,24 @@ func BenchmarkVerifyLarge(b *testing.B) {
 		if _, err := verifySignature(header, body, secrets, testNow, time.Minute); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkReadBody reads a delivery's body as net/http hands it over, with
+// its Content-Length: Kayle's ordinary size, a face-image event, and the
+// 1 MiB payload of the memory test.
+func BenchmarkReadBody(b *testing.B) {
+	for _, size := range []int{1000, 270_000, 1_400_000} {
+		sent := bytes.Repeat([]byte("k"), size)
+		b.Run(strconv.Itoa(size), func(b *testing.B) {
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				r := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(sent))
+				if _, err := readBody(httptest.NewRecorder(), r, defaultMaxBodySize); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -213,3 +213,23 @@ func TestDecryptRefusesCompression(t *testing.T) {
 		t.Fatalf("a compressed JWE: %v, want errNotJWE", err)
 	}
 }
+
+// TestDecryptKeepsNothingOfTheBody: decrypt reads the body without copying
+// it, so neither the plaintext nor anything decrypt returns may share its
+// memory: wiping the body afterwards must change nothing.
+func TestDecryptKeepsNothingOfTheBody(t *testing.T) {
+	kr := demoRing(t)
+	payload := eventPayload("evt_no_alias")
+	body := []byte(encryptTo(t, payload, demoPublicKey(t), demoKID, jose.A256GCM))
+	plaintext, kid, err := kr.decrypt(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(body)
+	if !bytes.Equal(plaintext, payload) || kid != demoKID {
+		t.Fatalf("plaintext or kid changed with the body: %q", kid)
+	}
+	if _, _, err := kr.decrypt(body); !errors.Is(err, errNotJWE) {
+		t.Fatalf("a wiped body: %v", err)
+	}
+}

@@ -41,8 +41,9 @@ func isDemoSecret(secret []byte) bool {
 	return hex.EncodeToString(sum[:]) == demoSecretSHA256
 }
 
-func isDemoKey(key *rsa.PrivateKey) bool {
-	sum := sha256.Sum256(key.N.Bytes())
+// isDemoKey reports whether pub is the public half of the demo key.
+func isDemoKey(pub *rsa.PublicKey) bool {
+	sum := sha256.Sum256(pub.N.Bytes())
 	return hex.EncodeToString(sum[:]) == demoModulusSHA256
 }
 
@@ -65,7 +66,7 @@ func classifyMaterial(secrets [][]byte, keys []decryptionKey) demoMaterial {
 		}
 	}
 	for _, k := range keys {
-		if isDemoKey(k.key) {
+		if isDemoKey(&k.key.PublicKey) {
 			m.demo = append(m.demo, fmt.Sprintf("decryption key %q", k.kid))
 		} else {
 			m.own = append(m.own, fmt.Sprintf("decryption key %q", k.kid))

@@ -26,7 +26,7 @@ func TestDemoFingerprintsMatchTestdata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !isDemoKey(key) {
+	if !isDemoKey(&key.PublicKey) {
 		t.Error("the key in testdata/demo is not recognized: update demoModulusSHA256")
 	}
 	raw, err := os.ReadFile(demoSecretFile)
@@ -41,7 +41,7 @@ func TestDemoFingerprintsMatchTestdata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if isDemoKey(other) || isDemoSecret([]byte(demoSecret(t)+"x")) {
+	if isDemoKey(&other.PublicKey) || isDemoSecret([]byte(demoSecret(t)+"x")) {
 		t.Error("material of one's own is taken for the demo's")
 	}
 }
@@ -103,7 +103,7 @@ func checkDemo(t *testing.T, h *Handler, listen []string) (*observer.ObservedLog
 		t.Fatal(err)
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
-	h.logger = zap.New(core)
+	h.setLogger(zap.New(core))
 	parent := context.Background()
 	if listen != nil {
 		parent = context.WithValue(parent, caddyhttp.ServerCtxKey, &caddyhttp.Server{Listen: listen})

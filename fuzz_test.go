@@ -34,7 +34,7 @@ func FuzzHandler(f *testing.F) {
 	now := time.Unix(m.Cases[0].Now, 0)
 	h := vectorHandler(f, m, m.Cases[0], f.TempDir())
 	h.dedupe = nil // storage is tested elsewhere; keep iterations fast
-	h.logger = zap.NewNop()
+	h.setLogger(zap.NewNop())
 
 	allowed := map[int]bool{
 		http.StatusOK: true, http.StatusBadRequest: true, http.StatusMethodNotAllowed: true,

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -118,23 +117,9 @@ func (e *example) load(env map[string]string) error {
 		t.Fatal(err)
 	}
 
-	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/load", adminPort), bytes.NewReader(raw))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Cache-Control", "must-revalidate")
-	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	answer, _ := io.ReadAll(resp.Body)
+	err = postConfig("application/json", raw)
 	e.h.tc.Client.CloseIdleConnections()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("admin /load answered %d: %s", resp.StatusCode, answer)
-	}
-	return nil
+	return err
 }
 
 func (e *example) url() string { return fmt.Sprintf("http://127.0.0.1:%d/", e.gatewayPort) }

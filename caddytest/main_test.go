@@ -148,6 +148,7 @@ type gateway struct {
 	globalExtra string // more global options
 	siteExtra   string // more site directives
 	kayleExtra  string // more kayle_webhook options
+	material    string // signing_secret and decryption_key lines; default: the demo's
 	proxyExtra  string // reverse_proxy subdirectives
 }
 
@@ -157,8 +158,12 @@ func (g gateway) caddyfile() string {
 	b.WriteString(g.globalExtra)
 	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n\tbind 127.0.0.1\n", g.port)
 	b.WriteString(g.siteExtra)
-	fmt.Fprintf(&b, "\tkayle_webhook {\n\t\tsigning_secret %q\n\t\tdecryption_key %s %q\n",
-		"{file."+demo.secretPath+"}", demoKID, demo.keyPath)
+	b.WriteString("\tkayle_webhook {\n")
+	if g.material != "" {
+		b.WriteString(g.material)
+	} else {
+		fmt.Fprintf(&b, "\t\tsigning_secret %q\n\t\tdecryption_key %s %q\n", "{file."+demo.secretPath+"}", demoKID, demo.keyPath)
+	}
 	b.WriteString(g.kayleExtra)
 	fmt.Fprintf(&b, "\t}\n\treverse_proxy %s {\n", g.backend)
 	b.WriteString(g.proxyExtra)
@@ -238,11 +243,17 @@ func (h *harness) stop() {
 }
 
 func loadConfig(caddyfile string) error {
-	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/load", adminPort), strings.NewReader(caddyfile))
+	return postConfig("text/caddyfile", []byte(caddyfile))
+}
+
+// postConfig loads a config of the given content type through the admin
+// API's /load.
+func postConfig(contentType string, config []byte) error {
+	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/load", adminPort), bytes.NewReader(config))
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Content-Type", "text/caddyfile")
+	req.Header.Set("Content-Type", contentType)
 	req.Header.Set("Cache-Control", "must-revalidate") // reload even when unchanged
 	// the admin server restarts with each load: a pooled connection to the
 	// previous one may be reset under a POST, which is not retried

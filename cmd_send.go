@@ -3,9 +3,7 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,20 +21,6 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/spf13/cobra"
 )
-
-func init() {
-	caddycmd.RegisterCommand(caddycmd.Command{
-		Name:  "kayle",
-		Usage: "send [flags]",
-		Short: "Tools for the kayle_webhook handler",
-		Long: `
-Tools for testing a kayle_webhook gateway. Run "caddy kayle send --help".
-`,
-		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(newSendCommand())
-		},
-	})
-}
 
 // Defaults of "caddy kayle send". Each matches Caddyfile.example, including
 // the environment variables it reads, so a bare send reaches a gateway
@@ -116,8 +100,10 @@ paths are relative to the current directory.
     testdata/demo/demo-key.pem.
 
 --kid <key id>
-    The kid in the JWE header. Default: the JWK's kid, else $KAYLE_KEY_ID,
-    else "demo". --kid "" sends no kid (the gateway then tries every key).
+    The kid in the JWE header. Default: the JWK's kid; else, without --key,
+    $KAYLE_KEY_ID; else "demo" for the demo key. Any other key without a
+    kid is refused: pass its --kid. --kid "" sends no kid (the gateway then
+    tries every key).
 
 --enc <A256GCM|A192GCM|A128GCM>
     The content encryption. Default: A256GCM, as Kayle.
@@ -160,7 +146,7 @@ paths are relative to the current directory.
 	f.String("payload", "", "file holding the plaintext payload to send as is, instead of a sample")
 	f.String("event-id", "", "metadata.event_id of the sample (default: a fresh evt_…)")
 	f.String("key", "", "RSA public or private key file to encrypt to (default "+sendDefaultKeyFile+")")
-	f.String("kid", "", `kid in the JWE header (default: the JWK's kid, else "demo")`)
+	f.String("kid", "", `kid in the JWE header (default: the JWK's kid, or "demo" for the demo key)`)
 	f.String("enc", "A256GCM", "content encryption: A256GCM, A192GCM or A128GCM")
 	f.String("secret-file", "", "file holding the signing secret (default "+sendDefaultSecretFile+")")
 	f.String("secret", "", "the signing secret itself (prefer --secret-file)")
@@ -306,10 +292,14 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		p.kid = o.KID
 	case jwkKID != "":
 		p.kid = jwkKID
-	case os.Getenv("KAYLE_KEY_ID") != "":
+	case o.KeyFile == "" && os.Getenv("KAYLE_KEY_ID") != "":
+		// the key is $KAYLE_KEY_FILE's, which Caddyfile.example pairs with it
 		p.kid = os.Getenv("KAYLE_KEY_ID")
-	default:
+	case isDemoKey(pub):
 		p.kid = sendDefaultKID
+	default:
+		// a guessed kid would only get a 500 from the gateway
+		return nil, fmt.Errorf("%s holds no kid and is not the demo key: pass --kid <the key_id it is registered under at Kayle> (or --kid \"\" to send none; the gateway then tries every key)", keyFile)
 	}
 	if p.corrupt == "kid" {
 		p.kid = unknownKID
@@ -598,12 +588,6 @@ func flipLastHexDigit(header string) string {
 	return header[:last] + string(digits[i^1])
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // crypto/rand.Read never fails
-	return hex.EncodeToString(b)
-}
-
 func corruptionNames() string {
 	names := make([]string, 0, len(corruptions))
 	for name := range corruptions {
@@ -611,13 +595,6 @@ func corruptionNames() string {
 	}
 	slices.Sort(names)
 	return strings.Join(names, ", ")
-}
-
-func withNewline(b []byte) string {
-	if len(b) > 0 && b[len(b)-1] != '\n' {
-		return string(b) + "\n"
-	}
-	return string(b)
 }
 
 func orNone(s string) string {

@@ -3,6 +3,8 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -85,7 +87,7 @@ func newSendGateway(t *testing.T, dedupe bool) *sendGateway {
 	}
 	t.Cleanup(func() { _ = h.Cleanup() })
 	// the bare context's development logger prints a stack trace per rejection
-	h.logger = zaptest.NewLogger(t)
+	h.setLogger(zaptest.NewLogger(t))
 
 	g := new(sendGateway)
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
@@ -559,7 +561,7 @@ func TestSendCommandKeyFiles(t *testing.T) {
 		{"JWK with a kid the gateway lacks", sendOptions{KeyFile: otherJWK}, "other", http.StatusInternalServerError},
 		{"--kid beats the JWK", sendOptions{KeyFile: otherJWK, KID: "demo"}, "demo", http.StatusOK},
 		{"no kid", sendOptions{OmitKID: true}, nil, http.StatusOK},
-		{"KAYLE_KEY_ID", sendOptions{KeyFile: pubPEM}, "from-env", http.StatusInternalServerError},
+		{"KAYLE_KEY_ID", sendOptions{}, "from-env", http.StatusInternalServerError},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.name == "KAYLE_KEY_ID" {
@@ -577,6 +579,48 @@ func TestSendCommandKeyFiles(t *testing.T) {
 	}
 	if got := g.lastForwarded(t).header.Get(HeaderKeyID); got != sendDefaultKID {
 		t.Errorf("a kid-less delivery was decrypted with %q", got)
+	}
+}
+
+// A key that is not the demo key and holds no kid is refused, naming --kid:
+// sending "demo" would only get a 500. $KAYLE_KEY_ID names the kid of
+// $KAYLE_KEY_FILE only, never of a --key.
+func TestSendCommandKidOfAnotherKey(t *testing.T) {
+	clearKayleEnv(t)
+	other, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherPEM := filepath.Join(t.TempDir(), "other.pem")
+	if err := os.WriteFile(otherPEM, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, env := range []string{"", "k-env"} {
+		t.Setenv("KAYLE_KEY_ID", env)
+		_, err := newSendPlan(sendOptions{KeyFile: otherPEM, URL: "http://127.0.0.1:1/"})
+		if err == nil || !strings.Contains(err.Error(), "--kid") || !strings.Contains(err.Error(), otherPEM) {
+			t.Errorf("KAYLE_KEY_ID=%q: a kid-less key that is not the demo's: %v, want a refusal naming the file and --kid", env, err)
+		}
+	}
+
+	p := mustPlan(t, sendOptions{KeyFile: otherPEM, KID: "k2", URL: "http://127.0.0.1:1/"})
+	if got := jweHeader(t, p.body)["kid"]; got != "k2" {
+		t.Errorf("--kid k2: kid %v", got)
+	}
+	t.Setenv("KAYLE_KEY_FILE", otherPEM)
+	t.Setenv("KAYLE_KEY_ID", "k-env")
+	p = mustPlan(t, sendOptions{URL: "http://127.0.0.1:1/"})
+	if got := jweHeader(t, p.body)["kid"]; got != "k-env" {
+		t.Errorf("KAYLE_KEY_FILE with KAYLE_KEY_ID: kid %v, want k-env", got)
+	}
+	t.Setenv("KAYLE_KEY_ID", "")
+	if _, err := newSendPlan(sendOptions{URL: "http://127.0.0.1:1/"}); err == nil || !strings.Contains(err.Error(), "--kid") {
+		t.Errorf("KAYLE_KEY_FILE without KAYLE_KEY_ID: %v, want a refusal naming --kid", err)
 	}
 }
 

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// result is what one load run saw.
+type result struct {
+	ok, non2xx, errors int
+	elapsed            time.Duration
+	latencies          []time.Duration
+}
+
+func (r result) rate() float64 {
+	if r.elapsed <= 0 {
+		return 0
+	}
+	return float64(r.ok) / r.elapsed.Seconds()
+}
+
+func (r result) percentile(p float64) time.Duration {
+	if len(r.latencies) == 0 {
+		return 0
+	}
+	s := slices.Clone(r.latencies)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(float64(len(s))*p))]
+}
+
+func newClient(conns int) *http.Client {
+	return &http.Client{
+		Timeout: 30 * time.Second,
+		Transport: &http.Transport{
+			MaxIdleConnsPerHost: conns,
+			MaxConnsPerHost:     conns,
+			DisableCompression:  true,
+			Proxy:               nil, // loopback only, whatever the environment says
+		},
+	}
+}
+
+func post(client *http.Client, url string, d delivery) (int, error) {
+	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(d.body))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/jose")
+	req.Header.Set("X-Kayle-Signature", d.signature)
+	req.Header.Set("X-Kayle-Delivery-Id", "whd_bench")
+	req.Header.Set("X-Kayle-Event", "verification.session.succeeded")
+	res, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	return res.StatusCode, nil
+}
+
+// closedLoop sends the deliveries from conc workers, each waiting for its
+// answer before the next, until all are sent or maxDur has passed. The
+// first warm deliveries open the connections and are not counted.
+func closedLoop(url string, ds []delivery, warm, conc int, maxDur time.Duration, wantStatus func(int) bool) result {
+	client := newClient(conc)
+	defer client.CloseIdleConnections()
+	var wg sync.WaitGroup
+	for i := range min(warm, len(ds)) {
+		wg.Go(func() { _, _ = post(client, url, ds[i]) })
+		if (i+1)%conc == 0 {
+			wg.Wait()
+		}
+	}
+	wg.Wait()
+	ds = ds[min(warm, len(ds)):]
+
+	var next atomic.Int64
+	var mu sync.Mutex
+	var res result
+	start := time.Now()
+	deadline := start.Add(maxDur)
+	for range conc {
+		wg.Go(func() {
+			var local result
+			for {
+				i := next.Add(1) - 1
+				if int(i) >= len(ds) || time.Now().After(deadline) {
+					break
+				}
+				t0 := time.Now()
+				status, err := post(client, url, ds[i])
+				switch {
+				case err != nil:
+					local.errors++
+				case wantStatus(status):
+					local.ok++
+					local.latencies = append(local.latencies, time.Since(t0))
+				default:
+					local.non2xx++
+				}
+			}
+			mu.Lock()
+			res.ok += local.ok
+			res.non2xx += local.non2xx
+			res.errors += local.errors
+			res.latencies = append(res.latencies, local.latencies...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	res.elapsed = time.Since(start)
+	return res
+}
+
+// openLoop sends at a fixed rate whatever the answers do, and times each
+// request from when it was due, so a stalled server is charged for the
+// requests queued behind it.
+func openLoop(url string, ds []delivery, rate float64, dur time.Duration) result {
+	// Requests due while every connection is busy wait for one (their
+	// latency still counts from when they were due); more connections would
+	// overflow the listen backlog, and a dropped SYN costs a 1 s retransmit.
+	const maxInFlight, conns = 512, 64
+	client := newClient(conns)
+	defer client.CloseIdleConnections()
+	interval := time.Duration(float64(time.Second) / rate)
+	// open a few connections first, so the first due times are not charged
+	// with the handshakes
+	const warm = 16
+	var wg sync.WaitGroup
+	for i := range min(warm, len(ds)) {
+		wg.Go(func() { _, _ = post(client, url, ds[i]) })
+	}
+	wg.Wait()
+	ds = ds[min(warm, len(ds)):]
+	n := min(len(ds), int(dur/interval))
+	var mu sync.Mutex
+	var res result
+	slots := make(chan struct{}, maxInFlight)
+	start := time.Now()
+	for i := range n {
+		due := start.Add(time.Duration(i) * interval)
+		time.Sleep(time.Until(due))
+		slots <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			status, err := post(client, url, ds[i])
+			lat := time.Since(due)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil:
+				res.errors++
+			case status/100 == 2:
+				res.ok++
+				res.latencies = append(res.latencies, lat)
+			default:
+				res.non2xx++
+			}
+		})
+	}
+	wg.Wait()
+	res.elapsed = time.Since(start)
+	return res
+}
+
+func is2xx(status int) bool { return status/100 == 2 }
+
+func is400(status int) bool { return status == http.StatusBadRequest }

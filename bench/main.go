@@ -1,0 +1,84 @@
+// Command bench measures the gateway against the crypto floor and writes
+// BENCHMARKS.md: run `go run ./bench` from the repository root (-quick for
+// a smoke test). It builds Caddy with the plugin (pure Go and BoringCrypto),
+// generates keys and genuine deliveries, and runs every comparison on
+// loopback in interleaved rounds. It exits 1 when a target is missed.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+)
+
+// options are the command-line flags of one measurement run.
+type options struct {
+	quick    bool
+	rounds   int
+	duration time.Duration
+	conc     int
+	maxSmall int // request bound per row, 600 B deliveries
+	maxLarge int // request bound per row, 200 KB deliveries
+	rssWaves int
+	out      string
+	pprofDir string
+	keep     bool
+	rssOnly  bool
+}
+
+func main() {
+	var o options
+	serve := flag.String("serve", "", "internal: run the `floor` or `backend` server instead of the harness")
+	addr := flag.String("addr", "", "internal: the address -serve listens on")
+	flag.BoolVar(&o.quick, "quick", false, "smoke test: 2 rounds of about 1 s per row")
+	flag.IntVar(&o.rounds, "rounds", 5, "interleaved rounds")
+	flag.DurationVar(&o.duration, "duration", 4*time.Second, "the longest a row runs in one round")
+	flag.IntVar(&o.conc, "c", 8, "concurrent requests of the closed-loop rows")
+	flag.IntVar(&o.rssWaves, "rss-waves", 5, "waves of 64 concurrent 1 MiB deliveries in the memory test")
+	flag.StringVar(&o.out, "o", "BENCHMARKS.md", "report file")
+	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU profiles of the RSA-2048 gateway rows and the forged flood (first round) and a heap profile mid-RSS-test into this folder, from Caddy's admin /debug/pprof")
+	flag.BoolVar(&o.keep, "keep", false, "keep the work folder (binaries, Caddyfiles, logs)")
+	flag.BoolVar(&o.rssOnly, "rss-only", false, "run only the memory test and print it (no BENCHMARKS.md)")
+	flag.Parse()
+
+	switch *serve {
+	case "":
+	case "floor":
+		fatalIf(serveFloor(*addr, flag.Args()))
+		return
+	case "backend":
+		fatalIf(serveBackend(*addr))
+		return
+	default:
+		fatalIf(fmt.Errorf("unknown -serve %q", *serve))
+	}
+
+	if o.quick {
+		o.rounds, o.duration, o.rssWaves = 2, time.Second, 2
+	}
+	o.maxSmall = int(o.duration.Seconds() * 3000)
+	o.maxLarge = int(o.duration.Seconds() * 250)
+	command := "go run ./bench " + strings.Join(os.Args[1:], " ")
+	missed, err := run(o, strings.TrimSpace(command))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
+	}
+	if missed > 0 {
+		fmt.Fprintf(os.Stderr, "bench: %d target(s) missed, see %s\n", missed, o.out)
+		os.Exit(1)
+	}
+}
+
+func fatalIf(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
+	}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+}

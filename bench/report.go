@@ -1,0 +1,219 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+// report gathers every measurement of a run and judges the targets.
+type report struct {
+	opts       options
+	command    string
+	started    time.Time
+	nodeInfo   string
+	diskFS     string
+	results    map[string][]result // by row, one per round
+	order      []string
+	sequential map[string]time.Duration // mean latency at c=1
+	fsyncDisk  time.Duration
+	fsyncTmpfs time.Duration
+	rss        rssResult
+}
+
+func (r *report) add(name string, res result) {
+	if r.results == nil {
+		r.results = map[string][]result{}
+		r.sequential = map[string]time.Duration{}
+	}
+	if _, seen := r.results[name]; !seen {
+		r.order = append(r.order, name)
+	}
+	r.results[name] = append(r.results[name], res)
+}
+
+// target is a ratio of two rows, judged on its median over the rounds.
+type target struct {
+	what     string
+	num, den string
+	min, max float64 // one of them set
+	latency  bool    // p99 ratio instead of throughput ratio
+}
+
+var targets = []target{
+	{what: "dedupe off, RSA-4096 / floor", num: off4096, den: floor4096, min: 0.95},
+	{what: "dedupe off, RSA-2048 / floor", num: off2048, den: floor2048, min: 0.85},
+	{what: "dedupe on tmpfs, RSA-4096 / floor", num: tmpfs4096, den: floor4096, min: 0.92},
+	{what: "dedupe on tmpfs, RSA-2048 / floor", num: tmpfs2048, den: floor2048, min: 0.75},
+	{what: "dedupe on disk, RSA-4096 / floor (reported)", num: disk4096, den: floor4096},
+	{what: "dedupe on disk, RSA-2048 / floor (reported)", num: disk2048, den: floor2048},
+	{what: "BoringCrypto build, tmpfs, RSA-4096 / pure-Go floor", num: boring4096, den: floor4096, min: 1.30},
+	{what: "200 KB, gateway (tmpfs) / Node.js jose receiver", num: gatewayLarge, den: nodeLarge, min: 1.0001},
+	{what: "200 KB, gateway (tmpfs) / floor (reported)", num: gatewayLarge, den: floorLarge},
+	{what: "p99 at half the floor's rate, gateway (tmpfs) / floor", num: "p99 dedupe tmpfs at half rate", den: "p99 floor at half rate", max: 2.0, latency: true},
+	{what: "forged flood, kayle_webhook 400s / respond 400", num: forgedGateway, den: forgedRespond, min: 0.80},
+}
+
+func (r *report) ratios(t target) []float64 {
+	nums, dens := r.results[t.num], r.results[t.den]
+	var out []float64
+	for i := range min(len(nums), len(dens)) {
+		n, d := nums[i].rate(), dens[i].rate()
+		if t.latency {
+			n, d = float64(nums[i].percentile(0.99)), float64(dens[i].percentile(0.99))
+		}
+		if d > 0 {
+			out = append(out, n/d)
+		}
+	}
+	return out
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// write renders BENCHMARKS.md and returns how many targets were missed.
+func (r *report) write(file string) (int, error) {
+	var b strings.Builder
+	missed := 0
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		missed++
+		return "**MISSED**"
+	}
+	fmt.Fprintf(&b, "# Benchmarks\n\nWritten by `%s` on %s (%s).\n\n", r.command, r.started.UTC().Format("2006-01-02 15:04 MST"), time.Since(r.started).Round(time.Second))
+	fmt.Fprintf(&b, "Machine: %d CPUs (`nproc`), %s, %s, %s; dedupe \"disk\" folder on %s, \"tmpfs\" in /dev/shm. %s.\n",
+		runtime.NumCPU(), cpuModel(), runtime.GOOS+"/"+runtime.GOARCH, goVersion(), r.diskFS, r.nodeInfo)
+	fmt.Fprintf(&b, "Load: loopback, the load generator on the same CPUs, c=%d, unique genuine deliveries (600 B payload unless said), "+
+		"%d interleaved rounds of at most %s and %d requests (%d for 200 KB) per row. "+
+		"A ratio is taken within each round; the verdict is on the median, min–max beside it.\n\n",
+		r.opts.conc, r.opts.rounds, r.opts.duration, r.opts.maxSmall, r.opts.maxLarge)
+	if r.opts.quick {
+		b.WriteString("**Quick mode: a smoke test, too short to judge the targets by.**\n\n")
+	}
+
+	b.WriteString("| comparison | median | min–max | target | |\n|---|---|---|---|---|\n")
+	for _, t := range targets {
+		rs := r.ratios(t)
+		lo, hi := 0.0, 0.0
+		if len(rs) > 0 {
+			lo, hi = slices.Min(rs), slices.Max(rs)
+		}
+		m := median(rs)
+		goal, v := "", ""
+		switch {
+		case t.min > 0:
+			goal, v = fmt.Sprintf("≥ %.2f", t.min), verdict(m >= t.min)
+		case t.max > 0:
+			goal, v = fmt.Sprintf("≤ %.2f", t.max), verdict(m > 0 && m <= t.max)
+		}
+		fmt.Fprintf(&b, "| %s | %.2f | %.2f–%.2f | %s | %s |\n", t.what, m, lo, hi, goal, v)
+	}
+	hwm := int64(0)
+	if len(r.rss.hwm) > 0 {
+		hwm = r.rss.hwm[len(r.rss.hwm)-1]
+	}
+	fmt.Fprintf(&b, "| peak RSS (VmHWM), 64 concurrent 1 MiB deliveries | %s | | < 256 MiB | %s |\n", mib(hwm), verdict(hwm > 0 && hwm < 256<<20 && r.rss.non2xx == 0))
+	grew := len(r.rss.hwm) > 1 && r.rss.hwm[len(r.rss.hwm)-1] > r.rss.hwm[0]+r.rss.hwm[0]/10
+	fmt.Fprintf(&b, "| VmHWM growth over %d waves | %s → %s | | ≤ 10 %% | %s |\n", len(r.rss.hwm), mib(first(r.rss.hwm)), mib(hwm), verdict(len(r.rss.hwm) > 1 && !grew))
+	settledOK := r.rss.settled > 0 && r.rss.settled <= r.rss.liveBase+16<<20
+	fmt.Fprintf(&b, "| Go heap 2 s after the last wave (forced GC) vs before | %s vs %s | | ≤ +16 MiB | %s |\n", mib(r.rss.settled), mib(r.rss.liveBase), verdict(settledOK))
+	var bad []string
+	for _, name := range r.order {
+		for _, res := range r.results[name] {
+			if res.non2xx+res.errors > 0 && !strings.HasPrefix(name, "forged") {
+				bad = append(bad, name)
+				break
+			}
+		}
+	}
+	fmt.Fprintf(&b, "| non-2xx or failed genuine deliveries | %s | | none | %s |\n", strings.Join(orNone(bad), ", "), verdict(len(bad) == 0 && r.rss.non2xx == 0))
+
+	b.WriteString("\n## Throughput per round (requests/s; p99)\n\n| row |")
+	for i := range r.opts.rounds {
+		fmt.Fprintf(&b, " round %d |", i+1)
+	}
+	b.WriteString("\n|---|" + strings.Repeat("---|", r.opts.rounds) + "\n")
+	for _, name := range r.order {
+		fmt.Fprintf(&b, "| %s |", name)
+		for _, res := range r.results[name] {
+			extra := ""
+			if res.non2xx+res.errors > 0 {
+				extra = fmt.Sprintf(", %d non-2xx, %d errors", res.non2xx, res.errors)
+			}
+			fmt.Fprintf(&b, " %.0f; %s%s |", res.rate(), res.percentile(0.99).Round(10*time.Microsecond), extra)
+		}
+		b.WriteString("\n")
+	}
+
+	off, tmpfs, disk := r.sequential[off2048], r.sequential[tmpfs2048], r.sequential[disk2048]
+	b.WriteString("\n## Storage cost per new event\n\n")
+	fmt.Fprintf(&b, "One delivery at a time (c=1, RSA-2048), mean latency: dedupe off %s, tmpfs %s, disk %s. "+
+		"Storage per new event: **%s on disk** (%.1f× one write+fsync of a small file on the same disk, %s), "+
+		"%s on tmpfs (fsync there: %s).\n\n",
+		us(off), us(tmpfs), us(disk), us(disk-off), float64(disk-off)/float64(max(r.fsyncDisk, 1)), us(r.fsyncDisk), us(tmpfs-off), us(r.fsyncTmpfs))
+	fmt.Fprintf(&b, "The fsync figure is the unit: a storage write that must survive a crash costs at least one. "+
+		"Storage per new event over it says how many such round trips the dedupe path pays.\n\n")
+
+	b.WriteString("## Memory, 64 concurrent 1 MiB deliveries per wave (fresh Caddy, dedupe tmpfs)\n\n")
+	fmt.Fprintf(&b, "Before: VmRSS %s, Go heap %s (after a forced GC).", mib(r.rss.baseline), mib(r.rss.liveBase))
+	for i := range r.rss.hwm {
+		fmt.Fprintf(&b, " Wave %d: VmHWM %s, VmRSS %s, Go heap %s.", i+1, mib(r.rss.hwm[i]), mib(r.rss.rss[i]), mib(r.rss.live[i]))
+	}
+	fmt.Fprintf(&b, " 2 s later: Go heap %s.\n", mib(r.rss.settled))
+	if err := os.WriteFile(file, []byte(b.String()), 0o644); err != nil {
+		return 0, err
+	}
+	logf("wrote %s", file)
+	fmt.Print(b.String())
+	return missed, nil
+}
+
+func us(d time.Duration) string { return fmt.Sprintf("%d µs", d.Microseconds()) }
+
+func first(xs []int64) int64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	return xs[0]
+}
+
+func orNone(xs []string) []string {
+	if len(xs) == 0 {
+		return []string{"none"}
+	}
+	return xs
+}
+
+func cpuModel() string {
+	data, _ := os.ReadFile("/proc/cpuinfo")
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown CPU"
+}
+
+func goVersion() string {
+	out, err := exec.Command("go", "env", "GOVERSION").Output()
+	if err != nil {
+		return runtime.Version()
+	}
+	return strings.TrimSpace(string(out))
+}

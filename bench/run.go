@@ -1,0 +1,343 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// row is one load against one receiver.
+type row struct {
+	name   string
+	url    string
+	key    keyPair
+	size   int  // payload bytes
+	forged bool // bad signatures, expecting 400
+	caddy  *proc
+	admin  int
+}
+
+// setup is everything the rows run against.
+type setup struct {
+	work, tmpfsDir, diskDir, diskFS string
+	caddyBin, boringBin             string
+	k2048, k4096                    keyPair
+	nodeInfo                        string
+	procs                           []*proc
+	floorURL, nodeURL, backend      string
+	gw, boring                      gatewayPorts
+	gwProc, boringProc              *proc
+	lastRate                        map[string]float64 // by row, the last round's
+}
+
+func (s *setup) close(keep bool) {
+	for _, p := range s.procs {
+		p.stop()
+	}
+	os.RemoveAll(s.tmpfsDir)
+	if !keep {
+		os.RemoveAll(s.work)
+	} else {
+		logf("kept %s", s.work)
+	}
+}
+
+func run(o options, command string) (missed int, err error) {
+	if _, err := os.Stat("cmd/caddy/main.go"); err != nil {
+		return 0, errors.New("run it from the repository root: go run ./bench")
+	}
+	if o.pprofDir != "" {
+		if err := os.MkdirAll(o.pprofDir, 0o755); err != nil {
+			return 0, err
+		}
+	}
+	s := &setup{lastRate: map[string]float64{}}
+	defer func() { s.close(o.keep) }()
+	if err := s.start(o); err != nil {
+		return 0, err
+	}
+	if o.rssOnly {
+		_, err := measureRSS(s.caddyBin, s.work, o.rssWaves, s.config, s.k2048, o.pprofDir)
+		return 0, err
+	}
+	rep := &report{opts: o, command: command, started: time.Now(), nodeInfo: s.nodeInfo, diskFS: s.diskFS}
+
+	rows := s.rows()
+	for r := range o.rounds {
+		// rotate the order each round so no row always runs first or last
+		order := slices.Concat(rows[r%len(rows):], rows[:r%len(rows)])
+		for _, rw := range order {
+			res, err := s.runRow(o, rw, r)
+			if err != nil {
+				return 0, fmt.Errorf("%s: %v", rw.name, err)
+			}
+			rep.add(rw.name, res)
+			logf("round %d %-28s %8.1f/s  p99 %-8s non-2xx %d errors %d", r+1, rw.name, res.rate(), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
+		}
+		if err := s.latencyRound(o, rep, r); err != nil {
+			return 0, err
+		}
+	}
+	if err := s.storageCost(o, rep); err != nil {
+		return 0, err
+	}
+	rssRes, err := measureRSS(s.caddyBin, s.work, o.rssWaves, s.config, s.k2048, o.pprofDir)
+	if err != nil {
+		return 0, fmt.Errorf("RSS test: %v", err)
+	}
+	rep.rss = rssRes
+	return rep.write(o.out)
+}
+
+func (s *setup) start(o options) error {
+	var err error
+	if s.work, err = os.MkdirTemp("", "kayle-bench-"); err != nil {
+		return err
+	}
+	if s.tmpfsDir, err = os.MkdirTemp("/dev/shm", "kayle-bench-"); err != nil {
+		return fmt.Errorf("a tmpfs folder in /dev/shm: %v", err)
+	}
+	s.diskDir = filepath.Join(s.work, "dedupe-disk")
+	if err := os.MkdirAll(s.diskDir, 0o700); err != nil {
+		return err
+	}
+	s.diskFS = fsName(s.diskDir)
+	if s.caddyBin, err = buildCaddy(s.work, false); err != nil {
+		return err
+	}
+	if s.boringBin, err = buildCaddy(s.work, true); err != nil {
+		return err
+	}
+	if s.k2048, err = generateKey(s.work, 2048); err != nil {
+		return err
+	}
+	if s.k4096, err = generateKey(s.work, 4096); err != nil {
+		return err
+	}
+	secretFile := filepath.Join(s.work, "secret.txt")
+	if err := os.WriteFile(secretFile, []byte(benchSecret), 0o600); err != nil {
+		return err
+	}
+	if s.nodeInfo, err = installNode(filepath.Join(s.work, "node")); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	ports := make([]int, 3)
+	for i := range ports {
+		if ports[i], err = freePort(); err != nil {
+			return err
+		}
+	}
+	s.backend = "127.0.0.1:" + strconv.Itoa(ports[0])
+	backend, err := start("backend", filepath.Join(s.work, "backend.log"), nil, self, "-serve", "backend", "-addr", s.backend)
+	if err != nil {
+		return err
+	}
+	s.procs = append(s.procs, backend)
+	floorAddr := "127.0.0.1:" + strconv.Itoa(ports[1])
+	floor, err := start("floor", filepath.Join(s.work, "floor.log"), nil, self, "-serve", "floor", "-addr", floorAddr, s.k2048.file, s.k4096.file)
+	if err != nil {
+		return err
+	}
+	s.procs = append(s.procs, floor)
+	s.floorURL = "http://" + floorAddr + "/kayle"
+	node, err := start("node", filepath.Join(s.work, "node.log"), nil, "node", filepath.Join(s.work, "node", "receiver.mjs"),
+		strconv.Itoa(ports[2]), benchSecret, s.k2048.file, s.k4096.file)
+	if err != nil {
+		return err
+	}
+	s.procs = append(s.procs, node)
+	s.nodeURL = "http://127.0.0.1:" + strconv.Itoa(ports[2]) + "/kayle"
+	for _, w := range []struct {
+		url string
+		p   *proc
+	}{{"http://" + s.backend, backend}, {s.floorURL, floor}, {s.nodeURL, node}} {
+		if err := waitHTTP(w.url, w.p, 30*time.Second); err != nil {
+			return err
+		}
+	}
+	if s.gw, err = newGatewayPorts(); err != nil {
+		return err
+	}
+	if s.gwProc, err = startCaddy("caddy", s.caddyBin, s.work, s.gw, s.config(s.gw)); err != nil {
+		return err
+	}
+	s.procs = append(s.procs, s.gwProc)
+	if s.boring, err = newGatewayPorts(); err != nil {
+		return err
+	}
+	if s.boringProc, err = startCaddy("caddy-boring", s.boringBin, s.work, s.boring, s.config(s.boring)); err != nil {
+		return err
+	}
+	s.procs = append(s.procs, s.boringProc)
+	return nil
+}
+
+// config is the Caddyfile of a gateway process; each process gets its own
+// dedupe folders.
+func (s *setup) config(g gatewayPorts) string {
+	tmpfs := filepath.Join(s.tmpfsDir, strconv.Itoa(g.admin))
+	disk := filepath.Join(s.diskDir, strconv.Itoa(g.admin))
+	return caddyfile(g, []keyPair{s.k2048, s.k4096}, filepath.Join(s.work, "secret.txt"), s.backend, tmpfs, disk)
+}
+
+// The names rows are reported under; targets refer to them.
+const (
+	floor2048, floor4096         = "floor RSA-2048", "floor RSA-4096"
+	off2048, off4096             = "dedupe off RSA-2048", "dedupe off RSA-4096"
+	tmpfs2048, tmpfs4096         = "dedupe tmpfs RSA-2048", "dedupe tmpfs RSA-4096"
+	disk2048, disk4096           = "dedupe disk RSA-2048", "dedupe disk RSA-4096"
+	boring4096                   = "boring tmpfs RSA-4096"
+	floorLarge, nodeLarge        = "floor 200KB RSA-2048", "node 200KB RSA-2048"
+	gatewayLarge                 = "dedupe tmpfs 200KB RSA-2048"
+	forgedGateway, forgedRespond = "forged vs kayle_webhook", "forged vs respond 400"
+)
+
+func (s *setup) rows() []row {
+	gw, b := s.gw, s.boring
+	return []row{
+		{name: floor2048, url: s.floorURL, key: s.k2048, size: 600},
+		{name: off2048, url: gw.url(gw.off), key: s.k2048, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: tmpfs2048, url: gw.url(gw.tmpfs), key: s.k2048, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: disk2048, url: gw.url(gw.disk), key: s.k2048, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: floor4096, url: s.floorURL, key: s.k4096, size: 600},
+		{name: off4096, url: gw.url(gw.off), key: s.k4096, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: tmpfs4096, url: gw.url(gw.tmpfs), key: s.k4096, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: disk4096, url: gw.url(gw.disk), key: s.k4096, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: boring4096, url: b.url(b.tmpfs), key: s.k4096, size: 600, caddy: s.boringProc, admin: b.admin},
+		{name: floorLarge, url: s.floorURL, key: s.k2048, size: 200 << 10},
+		{name: nodeLarge, url: s.nodeURL, key: s.k2048, size: 200 << 10},
+		{name: gatewayLarge, url: gw.url(gw.tmpfs), key: s.k2048, size: 200 << 10, caddy: s.gwProc, admin: gw.admin},
+		{name: forgedGateway, url: gw.url(gw.off), key: s.k2048, forged: true, caddy: s.gwProc, admin: gw.admin},
+		{name: forgedRespond, url: gw.url(gw.refuse), key: s.k2048, forged: true, caddy: s.gwProc, admin: gw.admin},
+	}
+}
+
+func (s *setup) runRow(o options, rw row, round int) (result, error) {
+	n, want := o.maxSmall, is2xx
+	if rw.size > 600 {
+		n = o.maxLarge
+	}
+	if last := s.lastRate[rw.name]; last > 0 {
+		// generating unused deliveries costs time: plan for 1.5x the last round
+		n = min(n, int(last*1.5*o.duration.Seconds())+o.conc)
+	}
+	warm := 2 * o.conc
+	var ds []delivery
+	var err error
+	if rw.forged {
+		n, want = 4*o.maxSmall, is400
+		ds, err = forged(rw.key, n+warm)
+	} else {
+		ds, err = genuine(rw.key, rw.size, n+warm)
+	}
+	if err != nil {
+		return result{}, err
+	}
+	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048 || rw.name == forgedGateway)
+	done := make(chan error, 1)
+	if profiled {
+		file := filepath.Join(o.pprofDir, profileName(rw.name)+".cpu.pprof")
+		secs := max(1, int(o.duration.Seconds())-1)
+		go func() { done <- savePprof(rw.admin, "profile?seconds="+strconv.Itoa(secs), file) }()
+	}
+	res := closedLoop(rw.url, ds, warm, o.conc, o.duration, want)
+	s.lastRate[rw.name] = res.rate()
+	if profiled {
+		if err := <-done; err != nil {
+			logf("cpu profile of %s: %v", rw.name, err)
+		}
+	}
+	return res, nil
+}
+
+func profileName(name string) string {
+	out := []byte(name)
+	for i, c := range out {
+		if c == ' ' {
+			out[i] = '-'
+		}
+	}
+	return string(out)
+}
+
+// latencyRound runs the floor and the tmpfs gateway at half the floor's
+// throughput of this round, at a fixed rate.
+func (s *setup) latencyRound(o options, rep *report, round int) error {
+	floorRate := rep.results[floor2048][round].rate()
+	if floorRate <= 0 {
+		return errors.New("the floor served nothing")
+	}
+	rate := floorRate / 2
+	n := int(rate*o.duration.Seconds()) + 9
+	for _, target := range []struct{ name, url string }{
+		{"p99 floor at half rate", s.floorURL},
+		{"p99 dedupe tmpfs at half rate", s.gw.url(s.gw.tmpfs)},
+	} {
+		ds, err := genuine(s.k2048, 600, n)
+		if err != nil {
+			return err
+		}
+		res := openLoop(target.url, ds, rate, o.duration)
+		rep.add(target.name, res)
+		logf("round %d %-28s %8.1f/s  p50 %-8s p99 %-8s non-2xx %d errors %d", round+1, target.name, res.rate(),
+			res.percentile(0.5).Round(10*time.Microsecond), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
+	}
+	return nil
+}
+
+// storageCost times single deliveries (one at a time) through the three
+// dedupe modes; the difference to dedupe off is what storage costs per new
+// event, set beside the cost of one fsync on the same disk.
+func (s *setup) storageCost(o options, rep *report) error {
+	n := 400
+	if o.quick {
+		n = 60
+	}
+	for _, c := range []struct {
+		name string
+		port int
+	}{{off2048, s.gw.off}, {tmpfs2048, s.gw.tmpfs}, {disk2048, s.gw.disk}} {
+		ds, err := genuine(s.k2048, 600, n+4)
+		if err != nil {
+			return err
+		}
+		res := closedLoop(s.gw.url(c.port), ds, 4, 1, time.Minute, is2xx)
+		rep.sequential[c.name] = mean(res.latencies)
+	}
+	var err error
+	if rep.fsyncDisk, err = fsyncCost(s.diskDir, n/2); err != nil {
+		return err
+	}
+	rep.fsyncTmpfs, err = fsyncCost(s.tmpfsDir, n/2)
+	return err
+}
+
+// fsName says what file system dir is on, for the report.
+func fsName(dir string) string {
+	var st syscall.Statfs_t
+	if syscall.Statfs(dir, &st) != nil {
+		return "unknown"
+	}
+	switch st.Type {
+	case 0x01021994:
+		return "tmpfs"
+	case 0xEF53:
+		return "ext4"
+	case 0x58465342:
+		return "xfs"
+	case 0x9123683E:
+		return "btrfs"
+	case 0x794c7630:
+		return "overlayfs"
+	}
+	return fmt.Sprintf("0x%x", st.Type)
+}
