@@ -17,13 +17,14 @@ import (
 )
 
 // fastLockTiming keeps the lock tests short while leaving the heartbeat a
-// wide margin under the stale time on a loaded machine.
+// wide margin under the stale time (20 beats) on a loaded machine, where a
+// goroutine can wait a long time for a core.
 var fastLockTiming = lockTiming{
-	staleAfter: time.Second,
+	staleAfter: 2 * time.Second,
 	firstBeat:  100 * time.Millisecond,
 	beatEvery:  100 * time.Millisecond,
 	pollEvery:  50 * time.Millisecond,
-	waitLimit:  5 * time.Second,
+	waitLimit:  10 * time.Second,
 }
 
 // newLockTestDeduper is a deduper on the real clock with fastLockTiming,
@@ -111,7 +112,7 @@ func TestLockLiveHolderIsNotTakenOver(t *testing.T) {
 	backend := &testBackend{}
 	done := make(chan served)
 	go func() { done <- deliverEvent(here, id, backend) }()
-	time.Sleep(3 * fastLockTiming.staleAfter)
+	time.Sleep(2 * fastLockTiming.staleAfter)
 	if takeovers(logs) != 0 || backend.Calls() != 0 {
 		t.Fatalf("a live holder was taken over (takeovers %d, forwards %d)", takeovers(logs), backend.Calls())
 	}
@@ -180,7 +181,7 @@ func TestLockStalledHolderKeepsOffTheNewHoldersLock(t *testing.T) {
 	done := make(chan served)
 	go func() { done <- deliverEvent(here, id, backend) }()
 	waitFor(t, inBackend, "the copy to take over and forward")
-	time.Sleep(3 * fastLockTiming.firstBeat) // the new holder's lease is written
+	waitForLease(t, st, key) // the new holder's
 
 	old.settle() // the stalled holder wakes up and finishes
 	old.release()
@@ -211,7 +212,7 @@ func TestLockHeartbeatNoticesATakeover(t *testing.T) {
 		t.Fatal(err)
 	}
 	held.heartbeat(d.timing.firstBeat)
-	time.Sleep(3 * d.timing.firstBeat)
+	waitForLease(t, st, key)
 	writeLeaseAt(t, st, key, "someone_else", time.Now())
 	deadline := time.Now().Add(testWaitBound)
 	for !held.lost.Load() && time.Now().Before(deadline) {
@@ -252,6 +253,18 @@ func TestLockWaiterSeesDeliveredRecord(t *testing.T) {
 	if backend.Calls() != 0 {
 		t.Errorf("backend called %d times, want 0", backend.Calls())
 	}
+}
+
+// waitForLease waits until a holder's lease is written at key.
+func waitForLease(t *testing.T, st *memStorage, key string) {
+	t.Helper()
+	for deadline := time.Now().Add(testWaitBound); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		var rec record
+		if data, err := st.Load(context.Background(), key); err == nil && json.Unmarshal(data, &rec) == nil && rec.Holder != "" {
+			return
+		}
+	}
+	t.Fatal("no lease written")
 }
 
 // A failed forward leaves a sign of life, not a delivered record: copies
