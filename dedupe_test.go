@@ -277,13 +277,6 @@ func (m *memStorage) Stat(_ context.Context, key string) (certmagic.KeyInfo, err
 	return certmagic.KeyInfo{}, fmt.Errorf("stat %s: %w", key, fs.ErrNotExist)
 }
 
-func (m *memStorage) has(key string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	_, ok := m.files[key]
-	return ok
-}
-
 var _ certmagic.Storage = (*memStorage)(nil)
 
 // ---------------------------------------------------------------------------
