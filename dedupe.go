@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"path"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -233,20 +232,7 @@ func (d *deduper) answerDuplicate(w http.ResponseWriter, r *http.Request, eventI
 	repl.Set("http.kayle.duplicate", true)
 	countRequest("duplicate")
 	d.logger.Debug("duplicate delivery acknowledged, not forwarded", zap.String("event_id", eventID))
-	body, err := json.Marshal(struct {
-		Status  string `json:"status"`
-		EventID string `json:"event_id"`
-	}{"duplicate", eventID})
-	if err != nil {
-		return caddyhttp.Error(http.StatusInternalServerError, err)
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
-	w.Header().Set(HeaderDuplicate, "true")
-	w.Header().Set(HeaderEventID, eventID)
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(append(body, '\n'))
-	return nil
+	return acknowledge(w, HeaderDuplicate, "duplicate", eventID)
 }
 
 // isDelivered reports whether rec says the event was delivered within the

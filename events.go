@@ -1,12 +1,9 @@
 package kaylewebhook
 
 import (
-	"encoding/json"
 	"errors"
 	"net/http"
-	"strconv"
 
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -42,18 +39,5 @@ func (h *Handler) answerIgnored(w http.ResponseWriter, ev event, kid, deliveryID
 	h.logger.Info("event type not in the events allowlist; acknowledged, not forwarded",
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),
 		zap.String("kid", kid), zap.String("delivery_id", deliveryID))
-	body, err := json.Marshal(struct {
-		Status  string `json:"status"`
-		EventID string `json:"event_id"`
-	}{"ignored", ev.ID})
-	if err != nil {
-		return caddyhttp.Error(http.StatusInternalServerError, err)
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
-	w.Header().Set(HeaderIgnored, "true")
-	w.Header().Set(HeaderEventID, ev.ID)
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(append(body, '\n'))
-	return nil
+	return acknowledge(w, HeaderIgnored, "ignored", ev.ID)
 }
