@@ -156,9 +156,10 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	defer held.release()
 	held.lease.EventSHA256 = eventHash
-	if rec != nil {
-		// an earlier holder's lease or failure mark: replace it at once, so
-		// no waiter mistakes its age for this holder's silence
+	if rec != nil || held.tookOver {
+		// an earlier holder's lease or failure mark, or a takeover: write
+		// this holder's lease at once, so that waiters see a change and do
+		// not take this holder for the silent one
 		if err := held.writeLease(ctx); err != nil {
 			d.logger.Error("dedupe storage unwritable; answering 503 so Kayle retries",
 				zap.String("event_id", eventID), zap.Error(err))

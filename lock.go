@@ -63,8 +63,11 @@ type heldLock struct {
 	leaseKey string // where the lease is written: the event's record
 	what     string // for logs: the event id, or "sweep"
 	token    string
-	since    time.Time // monotonic, for how long it has been held
-	lease    record    // the fields every lease write carries
+	lease    record // the fields every lease write carries
+	// tookOver: this acquisition followed the takeover of a silent
+	// holder's lock; the lease must then be written at once, so that other
+	// waiters see a change and do not take this holder for the dead one.
+	tookOver bool
 
 	lost     atomic.Bool // another instance took it over
 	stopBeat func()      // stops the heartbeat and waits for it
@@ -76,9 +79,14 @@ type heldLock struct {
 // wait at once (lock nil, record returned), and a holder that has given no
 // sign of life for staleAfter is presumed dead and its lock released. ctx
 // bounds the whole wait: errLockBusy when it ends with a live holder.
+//
+// Silence is measured on this instance's clock alone, from when it first
+// saw the lease as it is now: the times written in leases come from other
+// instances' clocks, which may be ahead or behind.
 func (d *deduper) acquire(ctx context.Context, name, leaseKey, what string) (*heldLock, *record, error) {
 	var seen *record // the lease found at the previous poll
 	quietSince := d.now()
+	tookOver := false
 	for {
 		pollCtx, cancel := context.WithTimeout(ctx, d.timing.pollEvery)
 		err := d.lock(pollCtx, name)
@@ -90,10 +98,12 @@ func (d *deduper) acquire(ctx context.Context, name, leaseKey, what string) (*he
 				d.unlock(name)
 				return nil, nil, err
 			}
-			return d.newHeldLock(name, leaseKey, what), rec, nil
+			held := d.newHeldLock(name, leaseKey, what)
+			held.tookOver = tookOver
+			return held, rec, nil
 		}
 		if ctx.Err() != nil {
-			return nil, nil, fmt.Errorf("waited %s for the lock: %w", d.timing.waitLimit, errLockBusy)
+			return nil, nil, fmt.Errorf("the wait for the lock ended: %w", errLockBusy)
 		}
 		if !pollEnded {
 			return nil, nil, err // the storage failed
@@ -105,22 +115,18 @@ func (d *deduper) acquire(ctx context.Context, name, leaseKey, what string) (*he
 		if d.isDelivered(rec) {
 			return nil, rec, nil
 		}
+		// Dead: the lease (or its absence) unchanged for staleAfter. A
+		// live holder renews its lease every beatEvery, and writes its
+		// first within firstBeat, or at once after a takeover.
 		now := d.now()
-		// Dead: a lease unchanged since the last poll and older than
-		// staleAfter (a new holder replaces an old lease as soon as it
-		// holds the lock), or no lease and nothing changed for staleAfter.
-		unchanged := sameLease(rec, seen)
-		silentSince := quietSince
-		if rec != nil && !rec.HeartbeatAt.IsZero() {
-			silentSince = rec.HeartbeatAt
-		}
-		if !unchanged {
+		if !sameLease(rec, seen) {
 			seen, quietSince = rec, now
 			continue
 		}
-		if silent := now.Sub(silentSince); silent > d.timing.staleAfter {
+		if silent := now.Sub(quietSince); silent > d.timing.staleAfter {
 			d.takeOver(name, what, silent)
-			seen, quietSince = nil, now
+			tookOver = true
+			quietSince = now
 		}
 	}
 }
@@ -156,7 +162,6 @@ func (d *deduper) newHeldLock(name, leaseKey, what string) *heldLock {
 		leaseKey: leaseKey,
 		what:     what,
 		token:    hex.EncodeToString(token[:]),
-		since:    time.Now(),
 		stopBeat: func() {},
 	}
 }
@@ -239,13 +244,14 @@ func (l *heldLock) stillOurs() bool {
 }
 
 // settle stops the heartbeat and finds out whether the lock is still this
-// instance's, before the holder writes its final record. A holder that ends
-// within firstBeat was never silent long enough to be taken over; a longer
-// one reads its lease, since storage Unlock checks no owner and would
-// release the new holder's lock.
+// instance's, before the holder writes its final record: it reads its
+// lease, since storage Unlock checks no owner and would release the lock of
+// an instance that took this one over. (Even a holder of under a second:
+// a waiter may have watched the record for the stale time before this
+// holder came.)
 func (l *heldLock) settle() {
 	l.stopBeat()
-	if !l.lost.Load() && time.Since(l.since) >= l.d.timing.firstBeat && !l.stillOurs() {
+	if !l.lost.Load() && !l.stillOurs() {
 		l.lost.Store(true)
 	}
 }

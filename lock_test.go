@@ -63,7 +63,9 @@ func TestLockTakeOverFromDeadHolder(t *testing.T) {
 		wantDelay time.Duration // the least time the copy must wait
 	}{
 		{"died before its first lease", 0, fastLockTiming.staleAfter},
-		{"lease gone stale", 3 * fastLockTiming.staleAfter, 0},
+		// the lease's own time is not trusted (another clock): the copy
+		// watches it unchanged for the stale time
+		{"lease gone stale", 3 * fastLockTiming.staleAfter, fastLockTiming.staleAfter},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			st := newMemStorage()
@@ -346,5 +348,85 @@ func TestLockStorageFailure(t *testing.T) {
 	res := deliverEvent(d, "evt_lock_fails", &testBackend{})
 	if he, ok := errors.AsType[caddyhttp.HandlerError](res.Err); !ok || he.StatusCode != http.StatusServiceUnavailable {
 		t.Errorf("got %v, want a 503", res.Err)
+	}
+}
+
+// Silence is measured on the waiter's own clock: a waiter whose clock runs
+// ahead of the holder's (by more than the stale time here) still never
+// takes over a holder that keeps renewing its lease.
+func TestLockClockSkewDoesNotTakeOverALiveHolder(t *testing.T) {
+	st := newMemStorage()
+	here, logs := newLockTestDeduper(st)
+	ahead := 3 * fastLockTiming.staleAfter
+	here.now = func() time.Time { return time.Now().Add(ahead) }
+	there, _ := newLockTestDeduper(st)
+	const id = "evt_clock_skew"
+	_, key, lockName := there.eventKeys(id)
+	held, _, err := there.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(there.timing.firstBeat)
+	backend := &testBackend{}
+	done := make(chan served)
+	go func() { done <- deliverEvent(here, id, backend) }()
+	time.Sleep(2 * fastLockTiming.staleAfter)
+	if takeovers(logs) != 0 || backend.Calls() != 0 {
+		t.Fatalf("a waiter with a clock %s ahead took over a live holder (takeovers %d, forwards %d)", ahead, takeovers(logs), backend.Calls())
+	}
+	held.settle()
+	there.remember(context.Background(), held, id, http.StatusOK)
+	held.release()
+	assertDuplicate(t, waitFor(t, done, "the waiting copy"), id)
+}
+
+// A copy that took a silent holder's lock over writes its lease before it
+// forwards: other waiters then see a change instead of the same silence,
+// and do not take it for the dead holder.
+func TestLockTakerWritesItsLeaseAtOnce(t *testing.T) {
+	st := newMemStorage()
+	d, _ := newLockTestDeduper(st)
+	d.timing.firstBeat = time.Hour // only the immediate write can be seen
+	const id = "evt_taker_lease"
+	_, key, lockName := d.eventKeys(id)
+	if err := st.Lock(context.Background(), lockName); err != nil { // died before its first lease
+		t.Fatal(err)
+	}
+	var holderAtForward string
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
+		var rec record
+		if data, err := st.Load(context.Background(), key); err == nil && json.Unmarshal(data, &rec) == nil {
+			holderAtForward = rec.Holder
+		}
+		_, err := w.Write([]byte("ok"))
+		return err
+	}}
+	assertForwardedOK(t, deliverEvent(d, id, backend))
+	if holderAtForward == "" {
+		t.Error("the copy that took the lock over forwarded before writing its lease")
+	}
+	assertNoLocks(t, d)
+}
+
+// A holder checks its lease before it releases, however briefly it held the
+// lock: a waiter may have watched the record for the stale time before this
+// holder came, and taken its lock over within its first second.
+func TestLockBriefHolderChecksItsLease(t *testing.T) {
+	st := newMemStorage()
+	d, _ := newLockTestDeduper(st)
+	const id = "evt_brief_holder"
+	_, key, lockName := d.eventKeys(id)
+	held, _, err := d.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeLeaseAt(t, st, key, "the_taker", time.Now()) // taken over at once
+	held.settle()
+	held.release()
+	if !held.lost.Load() {
+		t.Error("a brief holder did not notice it had been taken over")
+	}
+	if got := st.heldLocks(); !slices.Equal(got, []string{lockName}) {
+		t.Errorf("held locks = %v; the brief holder released the taker's lock", got)
 	}
 }
