@@ -1,10 +1,6 @@
 package kaylewebhook
 
 import (
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -124,18 +120,7 @@ func TestInspectCommandExplainsRefusals(t *testing.T) {
 	stale, staleSig, _ := inspectDelivery(t, inspectNow.Add(-10*time.Minute))
 	key, _ := filepath.Abs(demoKeyFile)
 
-	other, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(other)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherKey := filepath.Join(t.TempDir(), "other.pem")
-	if err := os.WriteFile(otherKey, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	otherKey, _ := newKeyFile(t)
 	notJWE := filepath.Join(t.TempDir(), "not.jwe")
 	if err := os.WriteFile(notJWE, []byte("hello"), 0o600); err != nil {
 		t.Fatal(err)

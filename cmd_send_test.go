@@ -3,8 +3,6 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -587,18 +585,7 @@ func TestSendCommandKeyFiles(t *testing.T) {
 // $KAYLE_KEY_FILE only, never of a --key.
 func TestSendCommandKidOfAnotherKey(t *testing.T) {
 	clearKayleEnv(t)
-	other, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(other)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherPEM := filepath.Join(t.TempDir(), "other.pem")
-	if err := os.WriteFile(otherPEM, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	otherPEM, _ := newKeyFile(t)
 
 	for _, env := range []string{"", "k-env"} {
 		t.Setenv("KAYLE_KEY_ID", env)
