@@ -269,7 +269,8 @@ func profileName(name string) string {
 	return string(out)
 }
 
-// latencyRound runs the floor and the tmpfs gateway at half the floor's
+// latencyRound runs the floor and the gateway (tmpfs, and dedupe off to
+// tell the proxy's share from the storage's) at half the floor's
 // throughput of this round, at a fixed rate.
 func (s *setup) latencyRound(o options, rep *report, round int) error {
 	floorRate := rep.results[floor2048][round].rate()
@@ -281,6 +282,7 @@ func (s *setup) latencyRound(o options, rep *report, round int) error {
 	for _, target := range []struct{ name, url string }{
 		{"p99 floor at half rate", s.floorURL},
 		{"p99 dedupe tmpfs at half rate", s.gw.url(s.gw.tmpfs)},
+		{"p99 dedupe off at half rate", s.gw.url(s.gw.off)},
 	} {
 		ds, err := genuine(s.k2048, 600, n)
 		if err != nil {
