@@ -19,15 +19,7 @@ func TestJWKCommandEveryKeyFormat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	write := func(name string, data []byte) string {
-		t.Helper()
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
+	write := tempWriter(t)
 	pemFile := func(name, typ string, der []byte, err error) string {
 		t.Helper()
 		if err != nil {
@@ -85,15 +77,7 @@ func TestJWKCommandRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	write := func(name string, data []byte) string {
-		t.Helper()
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
+	write := tempWriter(t)
 	jwk := func(k any, kid, alg, use string) []byte {
 		data, err := json.Marshal(jose.JSONWebKey{Key: k, KeyID: kid, Algorithm: alg, Use: use})
 		if err != nil {
@@ -112,7 +96,7 @@ func TestJWKCommandRefusals(t *testing.T) {
 		{"signing JWK", write("sig.jwk", jwk(key, "ks", "", "sig")), "", `"sig"`},
 		{"RSA1_5 JWK", write("rsa15.jwk", jwk(key, "kr", "RSA1_5", "")), "", "RSA1_5"},
 		{"not a key", write("junk.txt", []byte("hello\n")), "k1", "neither PEM nor JSON"},
-		{"missing file", filepath.Join(dir, "absent.pem"), "k1", "no such file"},
+		{"missing file", filepath.Join(t.TempDir(), "absent.pem"), "k1", "no such file"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var b testIO
@@ -124,5 +108,19 @@ func TestJWKCommandRefusals(t *testing.T) {
 				t.Errorf("printed after refusing: %s", b.out.String())
 			}
 		})
+	}
+}
+
+// tempWriter returns a function that writes a file into a fresh temporary
+// folder and returns its path.
+func tempWriter(t *testing.T) func(name string, data []byte) string {
+	dir := t.TempDir()
+	return func(name string, data []byte) string {
+		t.Helper()
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
 	}
 }
