@@ -397,6 +397,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	rewriteRequest(r, repl, plaintext, ev, kid, deliveryID, sig)
+	// Stopped timers of the contexts derived from r's (the dedupe timeouts) stay
+	// in the runtime's timer heap for seconds and reach r through Caddy's
+	// replacer: drop the plaintext from r once handled, so it can be freed.
+	defer func() { r.Body, r.GetBody = http.NoBody, nil }()
 	setLogFields(r, zap.String("kayle_event_id", ev.ID), zap.String("kayle_event_type", ev.Type))
 	h.logger.Debug("verified delivery",
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),

@@ -400,3 +400,22 @@ func TestNothingAnsweredIsNotDelivered(t *testing.T) {
 		}
 	}
 }
+
+// TestPlaintextDroppedAfterServe: once handled, the request Caddy's replacer
+// captured no longer holds the plaintext. Stopped timers of contexts derived
+// from the request linger in the runtime's timer heap and reach that request
+// through the replacer; a 1 MiB body stayed reachable for seconds.
+func TestPlaintextDroppedAfterServe(t *testing.T) {
+	h := newTestHandler(t)
+	backend := &testBackend{}
+	r, _ := prepareTestRequest(makeDelivery(t, eventPayload("evt_drop"), time.Now()), httptest.NewRecorder())
+	if err := h.ServeHTTP(httptest.NewRecorder(), r, backend); err != nil {
+		t.Fatal(err)
+	}
+	if backend.Calls() != 1 || len(backend.Request(0).Body) == 0 {
+		t.Fatalf("backend got %d requests, want 1 with the plaintext", backend.Calls())
+	}
+	if r.Body != http.NoBody || r.GetBody != nil {
+		t.Errorf("after ServeHTTP the request still holds its plaintext body (Body %T, GetBody set %v)", r.Body, r.GetBody != nil)
+	}
+}
