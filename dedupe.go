@@ -35,6 +35,16 @@ const (
 	sweepLockWait = 5 * time.Second
 	// sweepLeaseName is the key, below the prefix, of the sweeper's lease.
 	sweepLeaseName = "sweep_lease"
+	// sweepPause: after each record folder the sweep rests this many times
+	// as long as the folder took, so it uses at most a fifth of a CPU.
+	sweepPause = 4
+	// sweepShards is the number of record folders: eventKeys names them by
+	// the first byte of the hash, in hex.
+	sweepShards = 256
+	// sweepClockMargin: records whose file time is within it of the cutoff
+	// are read, so a storage clock ahead of this instance's by up to it
+	// does not keep expired records an extra sweep.
+	sweepClockMargin = time.Hour
 	// forwardTimeout bounds a forward, which no longer ends with the sender's
 	// connection (see deliverOnce). Kayle itself waits only a few seconds.
 	forwardTimeout = 2 * time.Minute
@@ -366,43 +376,61 @@ func (d *deduper) sweep(ctx context.Context) error {
 			return nil
 		}
 	}
-	keys, err := d.storage.List(ctx, d.prefix, true)
-	if errors.Is(err, fs.ErrNotExist) {
-		// no prefix yet, or (file_system) a temp file renamed during the
-		// walk: the keys listed so far are still good
-		err = nil
-	}
-	if err != nil {
-		return err
-	}
-	cutoff := d.now().Add(-d.window)
-	deleted := 0
-	for _, key := range keys {
-		if ctx.Err() != nil {
+	now := d.now()
+	cutoff := now.Add(-d.window)
+	deleted, seen := 0, 0
+	// One shard folder at a time: the keys of a busy window (a million
+	// records) are never all in memory at once, and the sweep pauses
+	// between folders so that it takes little from the requests it runs
+	// beside.
+	for shard := range sweepShards {
+		began := time.Now()
+		keys, err := d.storage.List(ctx, path.Join(d.prefix, fmt.Sprintf("%02x", shard)), false)
+		if errors.Is(err, fs.ErrNotExist) {
+			// no such folder yet, or (file_system) a temp file renamed
+			// during the listing: the keys listed so far are still good
+			err = nil
+		}
+		if err != nil {
+			return err
+		}
+		seen += len(keys)
+		for _, key := range keys {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			expired, err := d.expired(ctx, key, cutoff, now)
+			if err != nil || !expired {
+				continue
+			}
+			if err := d.storage.Delete(ctx, key); err != nil {
+				d.logger.Warn("deleting an expired dedupe record", zap.String("key", key), zap.Error(err))
+				continue
+			}
+			deleted++
+		}
+		select {
+		case <-ctx.Done():
 			return ctx.Err()
+		case <-time.After(time.Since(began) * sweepPause):
 		}
-		if key == markerKey {
-			continue
-		}
-		expired, err := d.expired(ctx, key, cutoff)
-		if err != nil || !expired {
-			continue
-		}
-		if err := d.storage.Delete(ctx, key); err != nil {
-			d.logger.Warn("deleting an expired dedupe record", zap.String("key", key), zap.Error(err))
-			continue
-		}
-		deleted++
 	}
-	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", len(keys)))
+	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", seen))
 	return d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
 }
 
 // expired reports whether key is one of ours and older than cutoff: a record
 // (by its own time), or a temp file a crashed Store left in a record folder
-// (by its modification time). Anything else under the prefix is left alone,
-// and so is a folder: deleting a folder key deletes its contents.
-func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bool, error) {
+// (by its modification time). Anything else in a record folder is left
+// alone, and so is a folder: deleting a folder key deletes its contents.
+//
+// A record is written when its event is delivered, so a file time well
+// after the cutoff and not after now (by the storage's clock; a time from
+// the future is not trusted) says it is fresh without reading it: the
+// hourly sweep then costs a Stat per record, not a read. A record whose
+// file is newer than its own time (a copied storage) is kept a while
+// longer, never deleted early.
+func (d *deduper) expired(ctx context.Context, key string, cutoff, now time.Time) (bool, error) {
 	isRecord := d.isRecordKey(key)
 	if !isRecord && !d.isStrayTempFile(key) {
 		return false, nil
@@ -410,6 +438,9 @@ func (d *deduper) expired(ctx context.Context, key string, cutoff time.Time) (bo
 	info, err := d.storage.Stat(ctx, key)
 	if err != nil || !info.IsTerminal {
 		return false, err
+	}
+	if info.Modified.After(cutoff.Add(sweepClockMargin)) && !info.Modified.After(now) {
+		return false, nil
 	}
 	if isRecord {
 		data, err := d.storage.Load(ctx, key)

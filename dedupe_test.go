@@ -1119,21 +1119,23 @@ func newSweepFixture(t *testing.T, st certmagic.Storage, now time.Time) sweepFix
 	ctx := context.Background()
 	setMod := storageModTimer(st)
 	var f sweepFixture
-	writeAt := func(id string, at time.Time) {
+	writeAt := func(id string, at, fileTime time.Time) {
 		old := newTestDeduper(st, newTestClock(at))
 		hash, key, _ := old.eventKeys(id)
 		if err := old.commit(ctx, key, record{EventSHA256: hash}, http.StatusOK); err != nil {
 			t.Fatal(err)
 		}
-		// the record's own time decides, not the file's: make them disagree
-		setMod(t, key, now)
+		setMod(t, key, fileTime)
 	}
 	for i := range 3 {
 		id := fmt.Sprintf("evt_expired_%d", i)
-		writeAt(id, now.Add(-defaultDedupeWindow-time.Duration(i+1)*time.Hour))
+		at := now.Add(-defaultDedupeWindow - time.Duration(i+1)*time.Hour)
+		// written when delivered, by a storage clock up to 50 min ahead
+		writeAt(id, at, at.Add(time.Duration(i)*25*time.Minute))
 		f.expiredIDs = append(f.expiredIDs, id)
+		// a fresh record in a file that looks old: its own time decides
 		id = fmt.Sprintf("evt_fresh_%d", i)
-		writeAt(id, now.Add(-defaultDedupeWindow+time.Duration(i+1)*time.Hour))
+		writeAt(id, now.Add(-defaultDedupeWindow+time.Duration(i+1)*time.Hour), now.Add(-2*defaultDedupeWindow))
 		f.freshIDs = append(f.freshIDs, id)
 	}
 	// an unreadable record file goes by its modification time too
@@ -1272,8 +1274,8 @@ func TestSweepHourlyMarker(t *testing.T) {
 			if !hasRecord(d, "evt_expires_soon") {
 				t.Error("a second sweep within the hour deleted a record")
 			}
-			if ms, ok := st.(*memStorage); ok && ms.callCount("List") != 1 {
-				t.Errorf("List called %d times, want 1: the second sweep must do nothing", ms.callCount("List"))
+			if ms, ok := st.(*memStorage); ok && ms.callCount("List") != sweepShards {
+				t.Errorf("List called %d times, want %d (one sweep): the second sweep must do nothing", ms.callCount("List"), sweepShards)
 			}
 
 			clock.Advance(time.Minute)
@@ -1328,8 +1330,8 @@ func TestSweepConcurrentSweepers(t *testing.T) {
 		if err := waitFor(t, errB, "the second sweeper"); err != nil {
 			t.Fatal(err)
 		}
-		if n := st.callCount("List"); n != 1 {
-			t.Errorf("List called %d times, want 1: one sweeper does the work", n)
+		if n := st.callCount("List"); n != sweepShards {
+			t.Errorf("List called %d times, want %d (one sweep): one sweeper does the work", n, sweepShards)
 		}
 		if n := st.callCount("Delete"); n != len(f.expiredIDs)+1 {
 			t.Errorf("Delete called %d times, want %d (each expired file once)", n, len(f.expiredIDs)+1)
@@ -1455,10 +1457,10 @@ type partialList struct{ *memStorage }
 
 func (p *partialList) List(ctx context.Context, prefix string, recursive bool) ([]string, error) {
 	keys, err := p.memStorage.List(ctx, prefix, recursive)
-	if err != nil || len(keys) == 0 {
+	if err != nil {
 		return keys, err
 	}
-	return keys[:len(keys)-1], fmt.Errorf("lstat %s: %w", keys[len(keys)-1], fs.ErrNotExist)
+	return keys, fmt.Errorf("lstat %s: %w", path.Join(prefix, "vanished"), fs.ErrNotExist)
 }
 
 // ---------------------------------------------------------------------------
@@ -1836,5 +1838,57 @@ func TestSweepLeavesNestedPrefixes(t *testing.T) {
 	_, key, _ := child.eventKeys("evt_1")
 	if !strings.HasPrefix(key, "kayle/ep2/") || path.Base(path.Dir(key)) != path.Base(key)[:2] {
 		t.Errorf("record key %s", key)
+	}
+}
+
+// TestSweepReadsOnlyRecordsNearTheCutoff: the hourly sweep of a busy window
+// reads no record whose file time says it is fresh; it reads those near the
+// cutoff, and those whose file time is ahead of this instance's clock.
+func TestSweepReadsOnlyRecordsNearTheCutoff(t *testing.T) {
+	st := newMemStorage()
+	now := testEpoch
+	d := newTestDeduper(st, newTestClock(now))
+	ctx := context.Background()
+	write := func(id string, deliveredAt, fileTime time.Time) string {
+		hash, key, _ := d.eventKeys(id)
+		old := newTestDeduper(st, newTestClock(deliveredAt))
+		if err := old.commit(ctx, key, record{EventSHA256: hash}, http.StatusOK); err != nil {
+			t.Fatal(err)
+		}
+		storageModTimer(st)(t, key, fileTime)
+		return key
+	}
+	for i := range 200 {
+		at := now.Add(-time.Duration(i) * time.Hour)
+		write(fmt.Sprintf("evt_recent_%d", i), at, at)
+	}
+	nearCutoff := now.Add(-defaultDedupeWindow + 30*time.Minute)
+	wantRead := map[string]bool{
+		write("evt_near_cutoff", nearCutoff, nearCutoff):                  true,
+		write("evt_clock_ahead", now.Add(-time.Hour), now.Add(time.Hour)): true,
+	}
+	read := map[string]bool{}
+	st.hook = func(method, key string) {
+		if method == "Load" && d.isRecordKey(key) {
+			read[key] = true
+		}
+	}
+	if err := d.sweep(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for key := range read {
+		if !wantRead[key] {
+			t.Errorf("the sweep read %s, whose file time says it is fresh", key)
+		}
+	}
+	for key := range wantRead {
+		if !read[key] {
+			t.Errorf("the sweep did not read %s", key)
+		}
+	}
+	for _, id := range []string{"evt_recent_0", "evt_recent_199", "evt_near_cutoff", "evt_clock_ahead"} {
+		if !hasRecord(d, id) {
+			t.Errorf("fresh record of %s was swept", id)
+		}
 	}
 }
