@@ -38,7 +38,7 @@ func main() {
 	flag.IntVar(&o.conc, "c", 8, "concurrent requests of the closed-loop rows")
 	flag.IntVar(&o.rssWaves, "rss-waves", 5, "waves of 64 concurrent 1 MiB deliveries in the memory test")
 	flag.StringVar(&o.out, "o", "BENCHMARKS.md", "report file")
-	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU profiles of the RSA-2048 gateway rows and the forged flood (first round) and a heap profile mid-RSS-test into this folder, from Caddy's admin /debug/pprof")
+	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU and allocation profiles of the RSA-2048 gateway rows, the BoringCrypto row and the forged flood (first round) and heap profiles of the RSS test into this folder, from Caddy's admin /debug/pprof")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work folder (binaries, Caddyfiles, logs)")
 	flag.BoolVar(&o.rssOnly, "rss-only", false, "run only the memory test and print it (no BENCHMARKS.md)")
 	flag.Parse()

@@ -66,6 +66,12 @@ func (p *proc) memory(field string) (int64, error) {
 	return 0, fmt.Errorf("no %s in /proc/%d/status", field, p.cmd.Process.Pid)
 }
 
+// resetPeak resets the process's VmHWM to its current RSS (Linux
+// clear_refs), so the next reading is the peak from now on.
+func (p *proc) resetPeak() error {
+	return os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", p.cmd.Process.Pid), []byte("5"), 0)
+}
+
 // freePort asks the kernel for a loopback port nobody uses.
 func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")

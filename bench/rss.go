@@ -17,7 +17,7 @@ type rssResult struct {
 	baseline int64   // VmRSS before the first wave
 	liveBase int64   // Go heap in use before the first wave, after a forced GC
 	settled  int64   // Go heap in use 2 s after the last wave, after a forced GC
-	hwm      []int64 // VmHWM after each wave
+	hwm      []int64 // each wave's peak RSS (VmHWM, reset before the wave)
 	rss      []int64 // VmRSS after each wave
 	live     []int64 // Go heap in use after each wave, after a forced GC
 	non2xx   int
@@ -55,6 +55,10 @@ func measureRSS(binary, work string, waves int, newConfig func(gatewayPorts) str
 	for wave := range waves {
 		ds, err := genuine(k, size, conc)
 		if err != nil {
+			return out, err
+		}
+		// VmHWM from here on is this wave's peak alone
+		if err := p.resetPeak(); err != nil {
 			return out, err
 		}
 		var wg sync.WaitGroup

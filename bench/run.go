@@ -242,7 +242,7 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 	if err != nil {
 		return result{}, err
 	}
-	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048 || rw.name == forgedGateway)
+	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048 || rw.name == boring4096 || rw.name == forgedGateway)
 	done := make(chan error, 1)
 	if profiled {
 		file := filepath.Join(o.pprofDir, profileName(rw.name)+".cpu.pprof")
@@ -254,6 +254,10 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 	if profiled {
 		if err := <-done; err != nil {
 			logf("cpu profile of %s: %v", rw.name, err)
+		}
+		// allocations since Caddy started: every gateway row so far
+		if err := savePprof(rw.admin, "allocs", filepath.Join(o.pprofDir, profileName(rw.name)+".allocs.pprof")); err != nil {
+			logf("allocs profile after %s: %v", rw.name, err)
 		}
 	}
 	return res, nil
