@@ -201,6 +201,13 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	}()
 	status, nextErr := forward(recorder, r, next)
 	returned = true
+	if nextErr == nil && recorder.Status() != 0 {
+		// The backend's answer is written: send it to Kayle now, not after
+		// the storage round trips that follow (ownership check, record,
+		// unlock). A retry of the event waits for the lock all the same,
+		// which is released only once the record is written.
+		_ = http.NewResponseController(recorder).Flush()
+	}
 	held.settle()
 	if status < 200 || status > 299 {
 		d.logger.Info("backend did not accept the event; not remembered, Kayle will retry",

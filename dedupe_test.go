@@ -1892,3 +1892,87 @@ func TestSweepReadsOnlyRecordsNearTheCutoff(t *testing.T) {
 		}
 	}
 }
+
+// TestAnswerNotHeldBackByTheRecordWrite: Kayle gets the backend's answer in
+// full while the record is still being written; a retry meanwhile waits for
+// the lock and is answered as a duplicate once the record is there.
+func TestAnswerNotHeldBackByTheRecordWrite(t *testing.T) {
+	st := newMemStorage()
+	d := newTestDeduper(st, newTestClock(time.Now()))
+	_, recordKey, _ := d.eventKeys("evt_flush")
+	inStore, releaseStore := make(chan struct{}), make(chan struct{})
+	release := sync.OnceFunc(func() { close(releaseStore) })
+	var once sync.Once
+	st.hook = func(method, key string) {
+		if method == "Store" && key == recordKey {
+			// only a delivered record, not a lease
+			if data, _ := st.Load(context.Background(), key); data == nil {
+				once.Do(func() { close(inStore) })
+				<-releaseStore
+			}
+		}
+	}
+	// as reverse_proxy copies it from a backend's answer
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
+		w.Header().Set("Content-Length", "2")
+		_, err := io.WriteString(w, "ok")
+		return err
+	}}
+	handled := make(chan error, 2)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r, repl := prepareTestRequest(r, w)
+		repl.Set("http.kayle.duplicate", false)
+		handled <- d.deliverOnce(w, r, backend, "evt_flush")
+	}))
+	defer srv.Close()
+	defer release() // first: the server cannot close while a handler waits
+
+	client := srv.Client()
+	client.Timeout = 10 * time.Second
+	res, err := client.Post(srv.URL, "application/json", strings.NewReader(`{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	if err != nil || res.StatusCode != http.StatusOK || string(body) != "ok" {
+		t.Fatalf("answer: %d %q %v", res.StatusCode, body, err)
+	}
+	select {
+	case <-inStore:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no record write after the answer")
+	}
+	select {
+	case err := <-handled:
+		t.Fatalf("the handler returned (%v) before its record write ended", err)
+	default:
+	}
+
+	retry := make(chan *http.Response, 1)
+	go func() {
+		res, err := client.Post(srv.URL, "application/json", strings.NewReader(`{}`))
+		if err != nil {
+			t.Error(err)
+		}
+		retry <- res
+	}()
+	time.Sleep(100 * time.Millisecond)
+	if backend.Calls() != 1 {
+		t.Fatalf("the retry reached the backend while the record was being written (%d calls)", backend.Calls())
+	}
+	release()
+	if err := <-handled; err != nil {
+		t.Fatal(err)
+	}
+	if res := <-retry; res == nil || res.Header.Get(HeaderDuplicate) != "true" {
+		t.Errorf("the retry was not answered as a duplicate: %+v", res)
+	} else {
+		res.Body.Close()
+	}
+	<-handled
+	if backend.Calls() != 1 || !remembered(d, "evt_flush") {
+		t.Errorf("backend calls %d, remembered %v; want 1, true", backend.Calls(), remembered(d, "evt_flush"))
+	}
+	assertNoLocks(t, d)
+}
