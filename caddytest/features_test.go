@@ -67,7 +67,10 @@ func TestMetricsOnTheAdminEndpointAfterReload(t *testing.T) {
 		forwarded = `caddy_kayle_webhook_requests_total{outcome="forwarded"}`
 		rejected  = `caddy_kayle_webhook_requests_total{outcome="rejected_signature"}`
 	)
-	before := h.adminMetrics()
+	// The answer goes out before the record is written, so a delivery's
+	// dedupe_storage time is observed just after its answer: wait for it.
+	storagePhase := `caddy_kayle_webhook_phase_duration_seconds_count{phase="dedupe_storage"}`
+	before := h.metricsWhen(func(m string) bool { return metricValue(t, m, storagePhase) >= 1 })
 	for _, series := range []string{kid, position, forwarded} {
 		if metricValue(t, before, series) < 1 {
 			t.Fatalf("before the reload, /metrics lacks %s", series)
@@ -78,7 +81,9 @@ func TestMetricsOnTheAdminEndpointAfterReload(t *testing.T) {
 	h.expectForwarded(deliver(t, gw.url(), newEvent(t, nil)))
 	h.expectForwarded(deliver(t, gw.url(), newEvent(t, nil)))
 	h.expect(deliveryRequest(t, gw.url(), encrypt(t, newEvent(t, nil).payload), nil, time.Now(), "x"), http.StatusBadRequest)
-	after := h.adminMetrics()
+	after := h.metricsWhen(func(m string) bool {
+		return metricValue(t, m, storagePhase)-metricValue(t, before, storagePhase) >= 2
+	})
 
 	for series, want := range map[string]float64{kid: 2, position: 2, forwarded: 2, rejected: 1} {
 		if got := metricValue(t, after, series) - max(metricValue(t, before, series), 0); got != want {
@@ -93,6 +98,19 @@ func TestMetricsOnTheAdminEndpointAfterReload(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("/metrics after the reload:\n%s", grepLines(after, "caddy_kayle_webhook"))
+	}
+}
+
+// metricsWhen reads the admin /metrics until ready accepts them, for up to
+// 5 s, and returns the last read.
+func (h *harness) metricsWhen(ready func(metrics string) bool) string {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		m := h.adminMetrics()
+		if ready(m) || time.Now().After(deadline) {
+			return m
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
