@@ -182,14 +182,22 @@ func TestExampleDemoRunsWithAWarning(t *testing.T) {
 	if !bytes.Contains(body, []byte(`"demo_backend_received"`)) || !bytes.Contains(body, []byte(ev.id)) {
 		t.Errorf("the demo backend did not answer with the event: %s", truncate(body))
 	}
-	e.h.stop() // waits for the request's access-log line
-	// the file's bare `log` writes access lines to the default log
+	// the file's bare `log` writes access lines to the default log; a
+	// delivery's line is written when its handler ends, just after the answer
 	var logged string
-	for _, path := range []string{e.caddyLog, e.accessLog} {
-		if data, err := os.ReadFile(path); err == nil {
-			logged += string(data)
+	for range 100 {
+		logged = ""
+		for _, path := range []string{e.caddyLog, e.accessLog} {
+			if data, err := os.ReadFile(path); err == nil {
+				logged += string(data)
+			}
 		}
+		if strings.Contains(logged, `"kayle_event_id":"`+ev.id+`"`) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
+	e.h.stop()
 	if !strings.Contains(logged, `"logger":"http.log.access`) || !strings.Contains(logged, `"kayle_event_id":"`+ev.id+`"`) {
 		t.Errorf("no access-log line shows the delivery:\n%s", logged)
 	}

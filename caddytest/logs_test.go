@@ -71,7 +71,10 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 		t.Fatalf("backend got %d requests, want 1", n)
 	}
 
-	// stopping waits for the requests in flight, so every log line is written
+	// a delivery's access-log line is written when its handler ends, just
+	// after the answer (the dedupe record is written in between): one line
+	// per request, 2 + 1 + len(refused)
+	waitForLines(t, accessLog, `"logger":"http.log.access`, 3+len(refused))
 	h.stop()
 	caddyOut := readFile(t, caddyLog)
 	accessOut := readFile(t, accessLog)
@@ -152,6 +155,20 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 	if files == 0 {
 		t.Error("the storage holds no file: was the event remembered?")
 	}
+}
+
+// waitForLines waits, for up to 5 s, until the file at path has n lines
+// containing substr.
+func waitForLines(t testing.TB, path, substr string, n int) {
+	t.Helper()
+	for range 100 {
+		data, _ := os.ReadFile(path)
+		if strings.Count(string(data), substr) >= n {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Errorf("%s: fewer than %d lines containing %s after 5 s", path, n, substr)
 }
 
 func readFile(t testing.TB, path string) string {
