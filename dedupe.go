@@ -383,7 +383,7 @@ func (d *deduper) sweep(ctx context.Context) error {
 			return nil
 		}
 	}
-	now := d.now()
+	now, sweepStart := d.now(), time.Now()
 	cutoff := now.Add(-d.window)
 	deleted, seen := 0, 0
 	// One shard folder at a time: the keys of a busy window (a million
@@ -422,7 +422,8 @@ func (d *deduper) sweep(ctx context.Context) error {
 		case <-time.After(time.Since(began) * sweepPause):
 		}
 	}
-	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", seen))
+	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", seen),
+		zap.Duration("took", time.Since(sweepStart)))
 	return d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
 }
 
