@@ -1,6 +1,7 @@
 package kaylewebhook
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -36,8 +37,10 @@ const (
 	// sweepLeaseName is the key, below the prefix, of the sweeper's lease.
 	sweepLeaseName = "sweep_lease"
 	// sweepPause: after each record folder the sweep rests this many times
-	// as long as the folder took, so it uses at most a fifth of a CPU.
-	sweepPause = 4
+	// as long as the folder took (at most sweepMaxPause), so it uses at most
+	// a fifth of a CPU. On slow network storage it is a fifth of the time.
+	sweepPause    = 4
+	sweepMaxPause = time.Second
 	// sweepShards is the number of record folders: eventKeys names them by
 	// the first byte of the hash, in hex.
 	sweepShards = 256
@@ -201,7 +204,7 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	}()
 	status, nextErr := forward(recorder, r, next)
 	returned = true
-	if nextErr == nil && recorder.Status() != 0 {
+	if nextErr == nil && status >= 200 {
 		// The backend's answer is written: send it to Kayle now, not after
 		// the storage round trips that follow (ownership check, record,
 		// unlock). A retry of the event waits for the lock all the same,
@@ -386,20 +389,30 @@ func (d *deduper) sweep(ctx context.Context) error {
 	now, sweepStart := d.now(), time.Now()
 	cutoff := now.Add(-d.window)
 	deleted, seen := 0, 0
-	// One shard folder at a time: the keys of a busy window (a million
-	// records) are never all in memory at once, and the sweep pauses
-	// between folders so that it takes little from the requests it runs
-	// beside.
-	for shard := range sweepShards {
+	var listErr error
+	// One record folder at a time: the keys of a busy window (a million
+	// records) are never all in memory at once, and the sweep rests between
+	// folders so that it takes little from the requests it runs beside. It
+	// starts at a random folder, so sweeps cut short (a reload, a stop)
+	// still reach every folder in time.
+	first := rand.N(sweepShards)
+	for i := range sweepShards {
 		began := time.Now()
-		keys, err := d.storage.List(ctx, path.Join(d.prefix, fmt.Sprintf("%02x", shard)), false)
+		folder := path.Join(d.prefix, fmt.Sprintf("%02x", (first+i)%sweepShards))
+		keys, err := d.storage.List(ctx, folder, false)
 		if errors.Is(err, fs.ErrNotExist) {
 			// no such folder yet, or (file_system) a temp file renamed
 			// during the listing: the keys listed so far are still good
 			err = nil
 		}
 		if err != nil {
-			return err
+			// the other folders are still swept; the marker is not written,
+			// so the next sweep tries this one again
+			if listErr == nil {
+				d.logger.Warn("listing a dedupe record folder; sweeping the others", zap.String("folder", folder), zap.Error(err))
+			}
+			listErr = cmp.Or(listErr, err)
+			continue
 		}
 		seen += len(keys)
 		for _, key := range keys {
@@ -419,11 +432,14 @@ func (d *deduper) sweep(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(time.Since(began) * sweepPause):
+		case <-time.After(min(time.Since(began)*sweepPause, sweepMaxPause)):
 		}
 	}
 	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", seen),
 		zap.Duration("took", time.Since(sweepStart)))
+	if listErr != nil {
+		return listErr
+	}
 	return d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
 }
 

@@ -1411,6 +1411,33 @@ func TestSweepStorageFailures(t *testing.T) {
 		f.assertSwept(t, d)
 	})
 
+	t.Run("List of one folder fails: the others are swept, no marker", func(t *testing.T) {
+		st := newMemStorage()
+		f := newSweepFixture(t, st, testEpoch)
+		d := newTestDeduper(st, newTestClock(testEpoch))
+		_, victim, _ := d.eventKeys(f.expiredIDs[0])
+		st.hook = func(method, key string) {
+			if method == "List" && key == path.Dir(victim) {
+				st.fail("List", errInjected)
+			} else if method == "List" {
+				st.fail("List", nil)
+			}
+		}
+		if err := d.sweep(context.Background()); !errors.Is(err, errInjected) {
+			t.Errorf("sweep = %v, want the List error", err)
+		}
+		for _, id := range f.expiredIDs {
+			_, key, _ := d.eventKeys(id)
+			if inVictim := path.Dir(key) == path.Dir(victim); hasRecord(d, id) != inVictim {
+				t.Errorf("record of %s (in the unlisted folder: %v) kept: %v", id, inVictim, hasRecord(d, id))
+			}
+		}
+		if _, err := st.Load(context.Background(), path.Join(testPrefix, "last_sweep")); err == nil {
+			t.Error("a sweep that missed a folder wrote the marker")
+		}
+		assertNoLocks(t, d)
+	})
+
 	t.Run("List cut short by a vanished temp file: the keys listed are swept", func(t *testing.T) {
 		// file_system's List is a filepath.Walk: a temp file renamed between
 		// reading a folder and stat-ing the file ends it with fs.ErrNotExist
@@ -1451,8 +1478,8 @@ func TestSweepStorageFailures(t *testing.T) {
 	})
 }
 
-// partialList is a memStorage whose List ends with fs.ErrNotExist after
-// listing every key but the last.
+// partialList is a memStorage whose List returns its keys together with
+// fs.ErrNotExist, as file_system's walk does when a file vanishes under it.
 type partialList struct{ *memStorage }
 
 func (p *partialList) List(ctx context.Context, prefix string, recursive bool) ([]string, error) {
@@ -1905,7 +1932,8 @@ func TestAnswerNotHeldBackByTheRecordWrite(t *testing.T) {
 	var once sync.Once
 	st.hook = func(method, key string) {
 		if method == "Store" && key == recordKey {
-			// only a delivered record, not a lease
+			// the first write: the forward is instant, so no lease comes
+			// before the record
 			if data, _ := st.Load(context.Background(), key); data == nil {
 				once.Do(func() { close(inStore) })
 				<-releaseStore
@@ -1949,13 +1977,14 @@ func TestAnswerNotHeldBackByTheRecordWrite(t *testing.T) {
 	default:
 	}
 
-	retry := make(chan *http.Response, 1)
+	type answer struct {
+		res *http.Response
+		err error
+	}
+	retry := make(chan answer, 1)
 	go func() {
 		res, err := client.Post(srv.URL, "application/json", strings.NewReader(`{}`))
-		if err != nil {
-			t.Error(err)
-		}
-		retry <- res
+		retry <- answer{res, err}
 	}()
 	time.Sleep(100 * time.Millisecond)
 	if backend.Calls() != 1 {
@@ -1965,10 +1994,10 @@ func TestAnswerNotHeldBackByTheRecordWrite(t *testing.T) {
 	if err := <-handled; err != nil {
 		t.Fatal(err)
 	}
-	if res := <-retry; res == nil || res.Header.Get(HeaderDuplicate) != "true" {
-		t.Errorf("the retry was not answered as a duplicate: %+v", res)
+	if a := <-retry; a.err != nil || a.res.Header.Get(HeaderDuplicate) != "true" {
+		t.Errorf("the retry was not answered as a duplicate: %+v", a)
 	} else {
-		res.Body.Close()
+		a.res.Body.Close()
 	}
 	<-handled
 	if backend.Calls() != 1 || !remembered(d, "evt_flush") {

@@ -13,10 +13,11 @@ import (
 var errNothingAnswered = errors.New("no handler after kayle_webhook answered the request; check that the route reaches reverse_proxy")
 
 // forward calls next through rec, a streaming recorder, and returns the
-// status Kayle gets. A chain that answers nothing is a 502, not a 200.
+// status Kayle gets. A chain that answers nothing, or only an informational
+// 1xx, is a 502, not the empty 200 Go would send.
 func forward(rec caddyhttp.ResponseRecorder, r *http.Request, next caddyhttp.Handler) (int, error) {
 	err := next.ServeHTTP(rec, r)
-	if err == nil && rec.Status() == 0 {
+	if err == nil && rec.Status() < 200 {
 		err = caddyhttp.Error(http.StatusBadGateway, errNothingAnswered)
 	}
 	return forwardStatus(rec.Status(), err), err

@@ -335,7 +335,7 @@ func (h *Handler) Cleanup() error {
 
 // ServeHTTP verifies, decrypts and deduplicates one delivery, then passes the
 // plaintext request to next.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (handlerErr error) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	deliveryID := r.Header.Get(HeaderDeliveryID)
 	if !headerSafe(deliveryID) {
@@ -400,7 +400,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// Stopped timers of the contexts derived from r's (the dedupe timeouts) stay
 	// in the runtime's timer heap for seconds and reach r through Caddy's
 	// replacer: drop the plaintext from r once handled, so it can be freed.
-	defer func() { r.Body, r.GetBody = http.NoBody, nil }()
+	// Not after an error: handle_errors gets this r, and its routes may
+	// forward the body (to a fallback backend, say).
+	defer func() {
+		if handlerErr == nil {
+			r.Body, r.GetBody = http.NoBody, nil
+		}
+	}()
 	setLogFields(r, zap.String("kayle_event_id", ev.ID), zap.String("kayle_event_type", ev.Type))
 	h.logger.Debug("verified delivery",
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),

@@ -386,36 +386,65 @@ func TestLiteralSecretWithBraceIsNotEchoed(t *testing.T) {
 // TestNothingAnsweredIsNotDelivered: a route whose later handlers answer
 // nothing (reverse_proxy matching another path) must not become Caddy's
 // empty 200: Kayle would stop retrying an event nobody received.
+// So must a chain that answers only an informational 1xx.
 func TestNothingAnsweredIsNotDelivered(t *testing.T) {
 	silent := &testBackend{Respond: func(int, http.ResponseWriter, *http.Request) error { return nil }}
-	for _, dedupeOff := range []bool{false, true} {
-		h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = dedupeOff })
-		payload := eventPayload("evt_unrouted")
-		body, sig := signDelivery(t, payload, time.Now())
-		for attempt := range 2 {
-			res := serve(h, deliveryRequest(body, sig), silent)
-			if res.Status != http.StatusBadGateway || !errors.Is(res.Err, errNothingAnswered) {
-				t.Fatalf("dedupe off=%v, attempt %d: status %d, %v", dedupeOff, attempt+1, res.Status, res.Err)
+	hintsOnly := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(http.StatusEarlyHints)
+		return nil
+	}}
+	for _, next := range []*testBackend{silent, hintsOnly} {
+		for _, dedupeOff := range []bool{false, true} {
+			h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = dedupeOff })
+			payload := eventPayload("evt_unrouted")
+			body, sig := signDelivery(t, payload, time.Now())
+			for attempt := range 2 {
+				res := serve(h, deliveryRequest(body, sig), next)
+				if res.Status != http.StatusBadGateway || !errors.Is(res.Err, errNothingAnswered) {
+					t.Fatalf("dedupe off=%v, attempt %d: status %d, %v", dedupeOff, attempt+1, res.Status, res.Err)
+				}
 			}
 		}
 	}
 }
 
-// TestPlaintextDroppedAfterServe: once handled, the request Caddy's replacer
-// captured no longer holds the plaintext. Stopped timers of contexts derived
-// from the request linger in the runtime's timer heap and reach that request
-// through the replacer; a 1 MiB body stayed reachable for seconds.
+// TestPlaintextDroppedAfterServe: once a delivery is handled, the request
+// Caddy's replacer captured no longer holds the plaintext. Stopped timers of
+// contexts derived from the request linger in the runtime's timer heap and
+// reach that request through the replacer; a 1 MiB body stayed reachable for
+// seconds. After an error the body stays, for handle_errors routes that
+// forward it (to a fallback backend).
 func TestPlaintextDroppedAfterServe(t *testing.T) {
-	h := newTestHandler(t)
-	backend := &testBackend{}
-	r, _ := prepareTestRequest(makeDelivery(t, eventPayload("evt_drop"), time.Now()), httptest.NewRecorder())
-	if err := h.ServeHTTP(httptest.NewRecorder(), r, backend); err != nil {
-		t.Fatal(err)
-	}
-	if backend.Calls() != 1 || len(backend.Request(0).Body) == 0 {
-		t.Fatalf("backend got %d requests, want 1 with the plaintext", backend.Calls())
-	}
-	if r.Body != http.NoBody || r.GetBody != nil {
-		t.Errorf("after ServeHTTP the request still holds its plaintext body (Body %T, GetBody set %v)", r.Body, r.GetBody != nil)
+	failing := &testBackend{Respond: func(int, http.ResponseWriter, *http.Request) error {
+		return caddyhttp.Error(http.StatusBadGateway, errors.New("backend down"))
+	}}
+	for _, dedupeOff := range []bool{false, true} {
+		h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = dedupeOff })
+		backend := &testBackend{}
+		r, _ := prepareTestRequest(makeDelivery(t, eventPayload("evt_drop"), time.Now()), httptest.NewRecorder())
+		if err := h.ServeHTTP(httptest.NewRecorder(), r, backend); err != nil {
+			t.Fatal(err)
+		}
+		if backend.Calls() != 1 || len(backend.Request(0).Body) == 0 {
+			t.Fatalf("dedupe off=%v: backend got %d requests, want 1 with the plaintext", dedupeOff, backend.Calls())
+		}
+		if r.Body != http.NoBody || r.GetBody != nil {
+			t.Errorf("dedupe off=%v: after ServeHTTP the request still holds its plaintext body (Body %T, GetBody set %v)", dedupeOff, r.Body, r.GetBody != nil)
+		}
+
+		r, _ = prepareTestRequest(makeDelivery(t, eventPayload("evt_keep"), time.Now()), httptest.NewRecorder())
+		if err := h.ServeHTTP(httptest.NewRecorder(), r, failing); err == nil {
+			t.Fatal("a failed forward returned no error")
+		}
+		if r.GetBody == nil {
+			t.Fatalf("dedupe off=%v: after an error the request has no body for handle_errors", dedupeOff)
+		}
+		body, err := r.GetBody()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if data, _ := io.ReadAll(body); !bytes.Contains(data, []byte("evt_keep")) {
+			t.Errorf("dedupe off=%v: after an error handle_errors would read %q, want the plaintext", dedupeOff, data)
+		}
 	}
 }

@@ -170,7 +170,10 @@ func (r *report) write(file string) (int, error) {
 		"Storage per new event over it says how many such round trips the dedupe path pays.\n\n")
 
 	b.WriteString("## Memory, 64 concurrent 1 MiB deliveries per wave (fresh Caddy, dedupe tmpfs)\n\n")
-	fmt.Fprintf(&b, "Peak RSS is VmHWM, reset before each wave (`/proc/<pid>/clear_refs`); Go heap is read after a forced GC. Before: VmRSS %s, Go heap %s.", mib(r.rss.baseline), mib(r.rss.liveBase))
+	fmt.Fprintf(&b, "Peak RSS is VmHWM, reset before each wave (`/proc/<pid>/clear_refs`); Go heap is read after a forced GC. "+
+		"(Until 2026-11-26 growth was judged by VmHWM after the last wave: never reset, that is the highest peak of all waves, so it could only grow. "+
+		"Each wave's peak swings by a third with when the collector ran mid-wave; what a leak changes is the heap a wave leaves, judged above.) "+
+		"Before: VmRSS %s, Go heap %s.", mib(r.rss.baseline), mib(r.rss.liveBase))
 	for i := range r.rss.hwm {
 		fmt.Fprintf(&b, " Wave %d: peak %s, VmRSS after %s, Go heap %s.", i+1, mib(r.rss.hwm[i]), mib(r.rss.rss[i]), mib(r.rss.live[i]))
 	}
