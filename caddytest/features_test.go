@@ -2,6 +2,7 @@ package caddytest
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -163,5 +164,29 @@ func TestUnsignedRequestRefusedBeforeItsBody(t *testing.T) {
 	}
 	if n := be.total(); n != 0 {
 		t.Errorf("backend got %d requests", n)
+	}
+}
+
+// An error route can forward the plaintext to a fallback when the backend is
+// down: the request handle_errors gets still carries the decrypted body.
+func TestHandleErrorsForwardsThePlaintextToAFallback(t *testing.T) {
+	h := newHarness(t)
+	fallback := newBackend(t)
+	gw := h.gateway(fallback)
+	gw.backend = "127.0.0.1:" + itoa(mustFreePort(t)) // nothing listens there
+	gw.siteExtra = "\thandle_errors {\n\t\treverse_proxy " + fallback.hostPort() + "\n\t}\n"
+	h.load(gw.caddyfile())
+
+	ev := newEvent(t, nil)
+	_, body := h.expect(deliver(t, gw.url(), ev), http.StatusOK)
+	if string(body) != `{"received":true}` {
+		t.Errorf("Kayle got %q, want the fallback's answer", body)
+	}
+	reqs := fallback.requests()
+	if len(reqs) != 1 {
+		t.Fatalf("the fallback got %d requests, want 1", len(reqs))
+	}
+	if got := reqs[0]; !bytes.Equal(got.Body, ev.payload) || got.ContentLength != int64(len(ev.payload)) {
+		t.Errorf("the fallback got %d bytes (Content-Length %d), want the %d-byte plaintext", len(got.Body), got.ContentLength, len(ev.payload))
 	}
 }
