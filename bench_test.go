@@ -121,3 +121,22 @@ func BenchmarkReadBody(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkRejectForged is a forged delivery's whole refusal: the header
+// parse, the body read and the HMAC that fails. A flood of them must cost
+// little beside Caddy's own handling of a request.
+func BenchmarkRejectForged(b *testing.B) {
+	h := newTestHandler(b, func(h *Handler) { h.DedupeDisabled = true; h.StorageRaw = nil })
+	h.setLogger(zap.NewNop())
+	body, _ := signDelivery(b, eventPayload("evt_forged"), time.Now())
+	forgedHeader := SignatureHeaderValue([]byte("whsec_not_the_secret_0123456789ab"), time.Now(), body)
+	next := &testBackend{}
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		r, _ := prepareTestRequest(deliveryRequest(body, forgedHeader), nil)
+		if err := h.ServeHTTP(httptest.NewRecorder(), r, next); err == nil {
+			b.Fatal("a forged delivery was accepted")
+		}
+	}
+}
