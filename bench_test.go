@@ -126,7 +126,12 @@ func BenchmarkReadBody(b *testing.B) {
 // parse, the body read and the HMAC that fails. A flood of them must cost
 // little beside Caddy's own handling of a request.
 func BenchmarkRejectForged(b *testing.B) {
-	h := newTestHandler(b, func(h *Handler) { h.DedupeDisabled = true; h.StorageRaw = nil })
+	keyFile, _ := newKeyFile(b) // material of its own: the demo's is announced with a WARN
+	h := newTestHandler(b, func(h *Handler) {
+		h.SigningSecrets = []string{"whsec_bench_0123456789abcdef0123456789ab"}
+		h.DecryptionKeys = []KeyFile{{KeyID: "k-bench", File: keyFile}}
+		h.DedupeDisabled, h.StorageRaw = true, nil
+	})
 	h.setLogger(zap.NewNop())
 	body, _ := signDelivery(b, eventPayload("evt_forged"), time.Now())
 	forgedHeader := SignatureHeaderValue([]byte("whsec_not_the_secret_0123456789ab"), time.Now(), body)
