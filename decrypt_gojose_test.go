@@ -120,14 +120,20 @@ func decryptCorpus(t testing.TB) [][]byte {
 // TestDecryptMatchesGoJose: on genuine, broken and odd JWEs, decrypt
 // answers what go-jose's own parse and Decrypt answer: the same plaintext
 // and kid, or a failure of the same kind (an unknown kid is a 500, any
-// other failure a 422).
+// other failure a 422). The second pass meets every header go-jose accepted
+// in the first in the cache: the answers must not change.
 func TestDecryptMatchesGoJose(t *testing.T) {
 	kr, _ := twoKeyRing(t)
-	for i, body := range decryptCorpus(t) {
-		sameAsGoJose(t, kr, body, i)
-		if _, _, err := kr.decrypt(body); i < 4 && err != nil {
-			t.Errorf("genuine #%d: %v", i, err) // the first four: each enc, and no kid
+	for pass := range 2 {
+		for i, body := range decryptCorpus(t) {
+			sameAsGoJose(t, kr, body, i)
+			if _, _, err := kr.decrypt(body); i < 4 && err != nil {
+				t.Errorf("pass %d, genuine #%d: %v", pass+1, i, err) // the first four: each enc, and no kid
+			}
 		}
+	}
+	if n := kr.headers.size.Load(); n == 0 || n > maxCachedHeaders {
+		t.Errorf("%d headers cached, want some and at most %d", n, maxCachedHeaders)
 	}
 }
 
@@ -146,5 +152,34 @@ func sameAsGoJose(t *testing.T, kr *keyRing, body []byte, i int) {
 	if (gotErr == nil) != (wantErr == nil) || !bytes.Equal(got, want) || gotKID != wantKID ||
 		errors.Is(gotErr, errUnknownKeyID) != errors.Is(wantErr, errUnknownKeyID) {
 		t.Errorf("#%d: decrypt gave kid %q, %d bytes, %v; go-jose kid %q, %d bytes, %v", i, gotKID, len(got), gotErr, wantKID, len(want), wantErr)
+	}
+}
+
+// TestHeaderCacheBounded: however many distinct headers arrive, at most
+// maxCachedHeaders verdicts are kept, and every delivery still decrypts.
+func TestHeaderCacheBounded(t *testing.T) {
+	kr, demo := twoKeyRing(t)
+	for i := range maxCachedHeaders + 36 {
+		e, err := jose.NewEncrypter(jose.A256GCM, jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: &demo.PublicKey, KeyID: demoKID},
+			&jose.EncrypterOptions{ExtraHeaders: map[jose.HeaderKey]any{"x": i}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		obj, err := e.Encrypt(eventPayload("evt_cache"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := obj.CompactSerialize()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, kid, err := kr.decrypt([]byte(s)); err != nil || kid != demoKID {
+			t.Fatalf("header #%d: kid %q, %v", i, kid, err)
+		}
+	}
+	stored := 0
+	kr.headers.byBytes.Range(func(any, any) bool { stored++; return true })
+	if stored != maxCachedHeaders {
+		t.Errorf("%d headers cached, want %d", stored, maxCachedHeaders)
 	}
 }
