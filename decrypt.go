@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -62,7 +63,11 @@ type headerCache struct {
 	size    atomic.Int32
 }
 
-const maxCachedHeaders = 64
+// The cache's bounds: Kayle's headers are about 100 bytes.
+const (
+	maxCachedHeaders   = 64
+	maxCachedHeaderLen = 512
+)
 
 func (kr *keyRing) add(kid string, key *rsa.PrivateKey) error {
 	if kid == "" {
@@ -163,12 +168,29 @@ func (kr *keyRing) header(parts [5][]byte) (joseHeader, error) {
 	}
 	enc, _ := obj.Header.ExtraHeaders["enc"].(string)
 	_, zip := obj.Header.ExtraHeaders["zip"]
-	_, crit := obj.Header.ExtraHeaders["crit"]
-	header := joseHeader{kid: obj.Header.KeyID, keySize: contentKeySize[enc], zip: zip, crit: crit}
-	if kr.headers != nil && kr.headers.size.Add(1) <= maxCachedHeaders {
-		kr.headers.byBytes.Store(string(parts[0]), header)
+	header := joseHeader{kid: obj.Header.KeyID, keySize: contentKeySize[enc], zip: zip, crit: hasCrit(parts[0])}
+	if c := kr.headers; c != nil && len(parts[0]) <= maxCachedHeaderLen && c.size.Load() < maxCachedHeaders {
+		if _, loaded := c.byBytes.LoadOrStore(string(parts[0]), header); !loaded {
+			c.size.Add(1)
+		}
 	}
 	return header, nil
+}
+
+// hasCrit reports whether the protected header go-jose accepted names a
+// "crit" member, as go-jose's Decrypt checks it: by its presence, so also
+// "crit": null, which go-jose's ExtraHeaders leaves out.
+func hasCrit(protectedPart []byte) bool {
+	raw, err := base64.RawURLEncoding.AppendDecode(nil, protectedPart)
+	if err != nil {
+		return true // cannot happen: go-jose decoded it; refuse if it does
+	}
+	var members map[string]json.RawMessage
+	if json.Unmarshal(raw, &members) != nil {
+		return true
+	}
+	_, crit := members["crit"]
+	return crit
 }
 
 // contentKeySize is the AES key length each allowed enc needs.

@@ -96,12 +96,15 @@ func decryptCorpus(t testing.TB) [][]byte {
 		[]byte(seal(jose.A256GCM, "nobody", nil)),
 		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"crit": []string{"exp"}, "exp": 1})),
 		[]byte(seal(jose.A256GCM, "nobody", map[jose.HeaderKey]any{"crit": []string{"exp"}, "exp": 1})),
+		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"crit": nil})),
 		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"zip": "DEF"})),
 		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"x": map[string]any{"y": 1}})),
 		join(p[0], p[1], p[2], "", p[4]),
 		join(p[0], p[1], p[2], p[3], p[4]+"AA"),
 		join(p[0], p[1], p[2], p[3], p[4][:20]),
 		join(p[0], p[1], p[2]+"AAAA", p[3], p[4]),
+		join(p[0], p[1]+"!", p[2], p[3], p[4]),
+		join(p[0], p[1], p[2]+"!", p[3], p[4]),
 		join(p[0], p[1], p[2], p[3]+"!", p[4]),
 		join(p[0], p[1], p[2], p[3][:len(p[3])-1], p[4]),
 		join(p[0], p[1][:len(p[1])-4], p[2], p[3], p[4]),
@@ -150,7 +153,8 @@ func sameAsGoJose(t *testing.T, kr *keyRing, body []byte, i int) {
 	want, wantKID, wantErr := goJoseDecrypt(kr, body)
 	got, gotKID, gotErr := kr.decrypt(bytes.Clone(body))
 	if (gotErr == nil) != (wantErr == nil) || !bytes.Equal(got, want) || gotKID != wantKID ||
-		errors.Is(gotErr, errUnknownKeyID) != errors.Is(wantErr, errUnknownKeyID) {
+		errors.Is(gotErr, errUnknownKeyID) != errors.Is(wantErr, errUnknownKeyID) ||
+		errors.Is(gotErr, errNotJWE) != errors.Is(wantErr, errNotJWE) {
 		t.Errorf("#%d: decrypt gave kid %q, %d bytes, %v; go-jose kid %q, %d bytes, %v", i, gotKID, len(got), gotErr, wantKID, len(want), wantErr)
 	}
 }
@@ -181,5 +185,26 @@ func TestHeaderCacheBounded(t *testing.T) {
 	kr.headers.byBytes.Range(func(any, any) bool { stored++; return true })
 	if stored != maxCachedHeaders {
 		t.Errorf("%d headers cached, want %d", stored, maxCachedHeaders)
+	}
+}
+
+// TestHeaderCacheConcurrentFirstDeliveries: many first deliveries of one
+// header at once take one cache entry, counted once.
+func TestHeaderCacheConcurrentFirstDeliveries(t *testing.T) {
+	kr, _ := twoKeyRing(t)
+	body := decryptCorpus(t)[0]
+	var wg sync.WaitGroup
+	for range 32 {
+		wg.Go(func() {
+			if _, _, err := kr.decrypt(bytes.Clone(body)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	stored := 0
+	kr.headers.byBytes.Range(func(any, any) bool { stored++; return true })
+	if n := kr.headers.size.Load(); stored != 1 || n != 1 {
+		t.Errorf("%d entries, counted %d; want 1 and 1", stored, n)
 	}
 }
