@@ -70,20 +70,7 @@ func twoKeyRing(t testing.TB) (*keyRing, *rsa.PrivateKey) {
 func decryptCorpus(t testing.TB) [][]byte {
 	_, demo := twoKeyRing(t)
 	seal := func(enc jose.ContentEncryption, kid string, extra map[jose.HeaderKey]any) string {
-		opts := &jose.EncrypterOptions{ExtraHeaders: extra}
-		e, err := jose.NewEncrypter(enc, jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: &demo.PublicKey, KeyID: kid}, opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		obj, err := e.Encrypt(eventPayload("evt_corpus"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := obj.CompactSerialize()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
+		return sealJWE(t, &demo.PublicKey, enc, kid, extra)
 	}
 	genuine := seal(jose.A256GCM, demoKID, nil)
 	p := strings.Split(genuine, ".")
@@ -118,6 +105,32 @@ func decryptCorpus(t testing.TB) [][]byte {
 		nil,
 	}
 	return corpus
+}
+
+// sealJWE encrypts a payload to pub with go-jose, compact.
+func sealJWE(t testing.TB, pub *rsa.PublicKey, enc jose.ContentEncryption, kid string, extra map[jose.HeaderKey]any) string {
+	t.Helper()
+	opts := &jose.EncrypterOptions{ExtraHeaders: extra}
+	e, err := jose.NewEncrypter(enc, jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: pub, KeyID: kid}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj, err := e.Encrypt(eventPayload("evt_corpus"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := obj.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// cachedHeaders counts the header cache's entries.
+func cachedHeaders(kr *keyRing) int {
+	n := 0
+	kr.headers.byBytes.Range(func(any, any) bool { n++; return true })
+	return n
 }
 
 // TestDecryptMatchesGoJose: on genuine, broken and odd JWEs, decrypt
@@ -164,26 +177,12 @@ func sameAsGoJose(t *testing.T, kr *keyRing, body []byte, i int) {
 func TestHeaderCacheBounded(t *testing.T) {
 	kr, demo := twoKeyRing(t)
 	for i := range maxCachedHeaders + 36 {
-		e, err := jose.NewEncrypter(jose.A256GCM, jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: &demo.PublicKey, KeyID: demoKID},
-			&jose.EncrypterOptions{ExtraHeaders: map[jose.HeaderKey]any{"x": i}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		obj, err := e.Encrypt(eventPayload("evt_cache"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := obj.CompactSerialize()
-		if err != nil {
-			t.Fatal(err)
-		}
+		s := sealJWE(t, &demo.PublicKey, jose.A256GCM, demoKID, map[jose.HeaderKey]any{"x": i})
 		if _, kid, err := kr.decrypt([]byte(s)); err != nil || kid != demoKID {
 			t.Fatalf("header #%d: kid %q, %v", i, kid, err)
 		}
 	}
-	stored := 0
-	kr.headers.byBytes.Range(func(any, any) bool { stored++; return true })
-	if stored != maxCachedHeaders {
+	if stored := cachedHeaders(kr); stored != maxCachedHeaders {
 		t.Errorf("%d headers cached, want %d", stored, maxCachedHeaders)
 	}
 }
@@ -202,9 +201,7 @@ func TestHeaderCacheConcurrentFirstDeliveries(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	stored := 0
-	kr.headers.byBytes.Range(func(any, any) bool { stored++; return true })
-	if n := kr.headers.size.Load(); stored != 1 || n != 1 {
+	if stored, n := cachedHeaders(kr), kr.headers.size.Load(); stored != 1 || n != 1 {
 		t.Errorf("%d entries, counted %d; want 1 and 1", stored, n)
 	}
 }

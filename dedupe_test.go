@@ -84,6 +84,17 @@ func (m *memStorage) fail(method string, err error) {
 	}
 }
 
+// failOnly makes method fail with err for key alone.
+func (m *memStorage) failOnly(method, key string, err error) {
+	m.hook = func(called, calledKey string) {
+		if called == method && calledKey == key {
+			m.fail(method, err)
+		} else if called == method {
+			m.fail(method, nil)
+		}
+	}
+}
+
 func (m *memStorage) callCount(method string) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -1416,13 +1427,7 @@ func TestSweepStorageFailures(t *testing.T) {
 		f := newSweepFixture(t, st, testEpoch)
 		d := newTestDeduper(st, newTestClock(testEpoch))
 		_, victim, _ := d.eventKeys(f.expiredIDs[0])
-		st.hook = func(method, key string) {
-			if method == "List" && key == path.Dir(victim) {
-				st.fail("List", errInjected)
-			} else if method == "List" {
-				st.fail("List", nil)
-			}
-		}
+		st.failOnly("List", path.Dir(victim), errInjected)
 		if err := d.sweep(context.Background()); !errors.Is(err, errInjected) {
 			t.Errorf("sweep = %v, want the List error", err)
 		}
@@ -1459,13 +1464,7 @@ func TestSweepStorageFailures(t *testing.T) {
 		f := newSweepFixture(t, st, testEpoch)
 		d := newTestDeduper(st, newTestClock(testEpoch))
 		_, victim, _ := d.eventKeys(f.expiredIDs[0])
-		st.hook = func(method, key string) {
-			if method == "Delete" && key == victim {
-				st.fail("Delete", errInjected)
-			} else if method == "Delete" {
-				st.fail("Delete", nil)
-			}
-		}
+		st.failOnly("Delete", victim, errInjected)
 		if err := d.sweep(context.Background()); err != nil {
 			t.Fatal(err)
 		}
