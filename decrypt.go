@@ -50,6 +50,10 @@ type joseHeader struct {
 	kid       string
 	keySize   int // of the content key, by enc
 	zip, crit bool
+	// aad is AES-GCM's additional data: the protected header as go-jose
+	// authenticates it, its canonical base64 (the part as sent, from any
+	// encoder). Shared by every delivery with this header: read only.
+	aad []byte
 }
 
 // headerCache keeps go-jose's verdict on the protected headers it accepted,
@@ -142,7 +146,7 @@ func (kr *keyRing) decrypt(body []byte) (plaintext []byte, kid string, err error
 		if err != nil {
 			continue
 		}
-		if plaintext, err = openSealed(cek, parts[0], iv, sealed, tagLen); err != nil {
+		if plaintext, err = openSealed(cek, header.aad, iv, sealed, tagLen); err != nil {
 			return nil, kid, errDecrypt
 		}
 		return plaintext, k.kid, nil
@@ -168,7 +172,12 @@ func (kr *keyRing) header(parts [5][]byte) (joseHeader, error) {
 	}
 	enc, _ := obj.Header.ExtraHeaders["enc"].(string)
 	_, zip := obj.Header.ExtraHeaders["zip"]
-	header := joseHeader{kid: obj.Header.KeyID, keySize: contentKeySize[enc], zip: zip, crit: hasCrit(parts[0])}
+	raw, err := base64.RawURLEncoding.AppendDecode(nil, parts[0])
+	if err != nil {
+		return joseHeader{}, err // cannot happen: go-jose decoded it
+	}
+	header := joseHeader{kid: obj.Header.KeyID, keySize: contentKeySize[enc], zip: zip, crit: hasCrit(raw),
+		aad: base64.RawURLEncoding.AppendEncode(nil, raw)}
 	if c := kr.headers; c != nil && len(parts[0]) <= maxCachedHeaderLen && c.size.Load() < maxCachedHeaders {
 		if _, loaded := c.byBytes.LoadOrStore(string(parts[0]), header); !loaded {
 			c.size.Add(1)
@@ -177,14 +186,10 @@ func (kr *keyRing) header(parts [5][]byte) (joseHeader, error) {
 	return header, nil
 }
 
-// hasCrit reports whether the protected header go-jose accepted names a
-// "crit" member, as go-jose's Decrypt checks it: by its presence, so also
-// "crit": null, which go-jose's ExtraHeaders leaves out.
-func hasCrit(protectedPart []byte) bool {
-	raw, err := base64.RawURLEncoding.AppendDecode(nil, protectedPart)
-	if err != nil {
-		return true // cannot happen: go-jose decoded it; refuse if it does
-	}
+// hasCrit reports whether the decoded protected header go-jose accepted
+// names a "crit" member, as go-jose's Decrypt checks it: by its presence,
+// so also "crit": null, which go-jose's ExtraHeaders leaves out.
+func hasCrit(raw []byte) bool {
 	var members map[string]json.RawMessage
 	if json.Unmarshal(raw, &members) != nil {
 		return true
@@ -240,15 +245,8 @@ func unwrapKey(wrapped []byte, key *rsa.PrivateKey, keySize int) ([]byte, error)
 	return cek, nil
 }
 
-// openSealed checks and decrypts sealed in place with AES-GCM; the
-// additional data is the protected header as go-jose authenticates it, its
-// canonical base64 (the part as sent, from any encoder).
-func openSealed(cek, protectedPart, iv, sealed []byte, tagLen int) ([]byte, error) {
-	b64 := base64.RawURLEncoding
-	header, err := b64.AppendDecode(nil, protectedPart)
-	if err != nil {
-		return nil, err
-	}
+// openSealed checks and decrypts sealed in place with AES-GCM.
+func openSealed(cek, aad, iv, sealed []byte, tagLen int) ([]byte, error) {
 	block, err := aes.NewCipher(cek)
 	if err != nil {
 		return nil, err
@@ -260,5 +258,5 @@ func openSealed(cek, protectedPart, iv, sealed []byte, tagLen int) ([]byte, erro
 	if len(iv) != gcm.NonceSize() || tagLen != gcm.Overhead() {
 		return nil, errDecrypt
 	}
-	return gcm.Open(sealed[:0], iv, sealed, b64.AppendEncode(nil, header))
+	return gcm.Open(sealed[:0], iv, sealed, aad)
 }
