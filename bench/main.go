@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -26,6 +27,7 @@ type options struct {
 	pprofDir string
 	keep     bool
 	rssOnly  bool
+	rows     *regexp.Regexp // -rows: only these rows, printed, no report
 }
 
 func main() {
@@ -41,7 +43,13 @@ func main() {
 	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU and allocation profiles of the RSA-2048 gateway rows, the BoringCrypto row and the forged flood (first round) and heap profiles of the RSS test into this folder, from Caddy's admin /debug/pprof")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work folder (binaries, Caddyfiles, logs)")
 	flag.BoolVar(&o.rssOnly, "rss-only", false, "run only the memory test and print it (no BENCHMARKS.md)")
+	rowsExpr := flag.String("rows", "", "run only the rows whose names match this `regexp` (\"p99\" for the latency rounds, which need the floor RSA-2048 row too), print them and write no report: for experiments")
 	flag.Parse()
+	if *rowsExpr != "" {
+		re, err := regexp.Compile(*rowsExpr)
+		fatalIf(err)
+		o.rows = re
+	}
 
 	switch *serve {
 	case "":

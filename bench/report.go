@@ -212,3 +212,14 @@ func goVersion() string {
 	}
 	return strings.TrimSpace(string(out))
 }
+
+// printRatios prints, for a -rows run, every comparison whose two rows ran.
+func (r *report) printRatios() {
+	for _, t := range targets {
+		rs := r.ratios(t)
+		if len(rs) == 0 {
+			continue
+		}
+		logf("%-70s median %.2f (%.2f–%.2f) over %d rounds", t.what, median(rs), slices.Min(rs), slices.Max(rs), len(rs))
+	}
+}

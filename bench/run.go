@@ -68,6 +68,12 @@ func run(o options, command string) (missed int, err error) {
 	rep := &report{opts: o, command: command, started: time.Now(), nodeInfo: s.nodeInfo, diskFS: s.diskFS}
 
 	rows := s.rows()
+	if o.rows != nil {
+		rows = slices.DeleteFunc(rows, func(rw row) bool { return !o.rows.MatchString(rw.name) })
+		if len(rows) == 0 {
+			return 0, fmt.Errorf("no row matches -rows %s", o.rows)
+		}
+	}
 	for r := range o.rounds {
 		// rotate the order each round so no row always runs first or last
 		order := slices.Concat(rows[r%len(rows):], rows[:r%len(rows)])
@@ -79,9 +85,16 @@ func run(o options, command string) (missed int, err error) {
 			rep.add(rw.name, res)
 			logf("round %d %-28s %8.1f/s  p99 %-8s non-2xx %d errors %d", r+1, rw.name, res.rate(), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
 		}
+		if o.rows != nil && !o.rows.MatchString("p99") {
+			continue
+		}
 		if err := s.latencyRound(o, rep, r); err != nil {
 			return 0, err
 		}
+	}
+	if o.rows != nil {
+		rep.printRatios()
+		return 0, nil
 	}
 	if err := s.storageCost(o, rep); err != nil {
 		return 0, err
@@ -277,6 +290,9 @@ func profileName(name string) string {
 // tell the proxy's share from the storage's) at half the floor's
 // throughput of this round, at a fixed rate.
 func (s *setup) latencyRound(o options, rep *report, round int) error {
+	if len(rep.results[floor2048]) <= round {
+		return errors.New("the latency rounds run at half the floor's rate: select the floor RSA-2048 row too")
+	}
 	floorRate := rep.results[floor2048][round].rate()
 	if floorRate <= 0 {
 		return errors.New("the floor served nothing")
