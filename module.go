@@ -116,6 +116,7 @@ type Handler struct {
 	Events []string `json:"events,omitempty"`
 
 	secrets      [][]byte
+	macKeys      *macKeys // secrets, keyed HMACs pooled
 	forwardKeys  [][]byte
 	allowedTypes map[string]bool
 	keys         keyRing
@@ -209,6 +210,7 @@ func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
 	if len(h.secrets) == 0 {
 		return errors.New("no signing_secret configured")
 	}
+	h.macKeys = newMACKeys(h.secrets)
 	return nil
 }
 
@@ -367,7 +369,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	start := time.Now()
-	position, err := sig.verify(body, h.secrets, h.now(), h.tolerance)
+	position, err := sig.verify(body, h.macKeys, h.now(), h.tolerance)
 	observePhase(phaseVerify, start)
 	if err != nil {
 		return h.reject(r, http.StatusBadRequest, "signature", err, deliveryID)

@@ -6,8 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -109,18 +111,47 @@ func verifySignature(header string, body []byte, secrets [][]byte, now time.Time
 	if err != nil {
 		return sig, err
 	}
-	_, err = sig.verify(body, secrets, now, tolerance)
+	_, err = sig.verify(body, newMACKeys(secrets), now, tolerance)
 	return sig, err
 }
+
+// macKeys are the signing secrets, each with a pool of HMACs keyed with it.
+// Keying an HMAC hashes two blocks and allocates five times; a forged flood
+// would pay that for every secret of every request.
+type macKeys struct {
+	pools []sync.Pool
+}
+
+func newMACKeys(secrets [][]byte) *macKeys {
+	k := &macKeys{pools: make([]sync.Pool, len(secrets))}
+	for i, secret := range secrets {
+		k.pools[i].New = func() any { return hmac.New(sha256.New, secret) }
+	}
+	return k
+}
+
+// sum appends HMAC-SHA256(secret i, timestamp + "." + body) to out.
+func (k *macKeys) sum(out []byte, i int, timestamp string, body []byte) []byte {
+	mac := k.pools[i].Get().(hash.Hash)
+	defer k.pools[i].Put(mac)
+	mac.Reset()
+	mac.Write([]byte(timestamp))
+	mac.Write(dot)
+	mac.Write(body)
+	return mac.Sum(out)
+}
+
+var dot = []byte{'.'}
 
 // verify checks the v1 values against every secret over the raw body, then
 // the timestamp against now, and returns the 1-based position of the first
 // secret that matched (for the metrics: an old secret no longer matching can
 // be retired). The MAC comparison is constant time; the timestamp is checked
 // second so that an unauthenticated request learns nothing about our clock.
-func (sig signature) verify(body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (position int, err error) {
-	for i, secret := range secrets {
-		expected := signatureMAC(secret, sig.timestamp, body)
+func (sig signature) verify(body []byte, keys *macKeys, now time.Time, tolerance time.Duration) (position int, err error) {
+	expected := make([]byte, 0, sha256.Size)
+	for i := range keys.pools {
+		expected = keys.sum(expected[:0], i, sig.timestamp, body)
 		for _, candidate := range sig.v1 {
 			// no early exit: the work done does not depend on which one matches
 			if hmac.Equal(expected, candidate) && position == 0 {

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -174,7 +175,7 @@ func TestVerifyNamesTheMatchingSecret(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, err := sig.verify(testBody, secrets, testNow, time.Minute); err != nil || got != want {
+		if got, err := sig.verify(testBody, newMACKeys(secrets), testNow, time.Minute); err != nil || got != want {
 			t.Errorf("signed with secret #%d: position %d, %v", want, got, err)
 		}
 	}
@@ -185,10 +186,44 @@ func TestVerifyNamesTheMatchingSecret(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := sig.verify(testBody, secrets, testNow, time.Minute); err != nil || got != 1 {
+	if got, err := sig.verify(testBody, newMACKeys(secrets), testNow, time.Minute); err != nil || got != 1 {
 		t.Errorf("both secrets: position %d, %v", got, err)
 	}
-	if got, err := sig.verify(testBody, secrets, testNow.Add(2*time.Minute), time.Minute); err == nil || got != 0 {
+	if got, err := sig.verify(testBody, newMACKeys(secrets), testNow.Add(2*time.Minute), time.Minute); err == nil || got != 0 {
 		t.Errorf("stale: position %d, %v", got, err)
 	}
+}
+
+// The keyed HMACs are pooled and shared by concurrent requests: a MAC must
+// never carry state from another request's body or secret, whatever the
+// interleaving (the race detector watches the pool too).
+func TestVerifyConcurrentPooledMACs(t *testing.T) {
+	keys := newMACKeys([][]byte{testSecret, testOldSecret})
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 200 {
+				body := []byte(strings.Repeat("b", (g*200+i)%700))
+				secret, want := testSecret, 1
+				if i%2 == 1 {
+					secret, want = testOldSecret, 2
+				}
+				sig, err := parseSignature(SignatureHeaderValue(secret, testNow, body))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if got, err := sig.verify(body, keys, testNow, time.Minute); err != nil || got != want {
+					t.Errorf("genuine: position %d, %v", got, err)
+					return
+				}
+				// the same MAC over a body one byte longer must fail
+				if _, err := sig.verify(append(body, 'x'), keys, testNow, time.Minute); !errors.Is(err, errSignatureInvalid) {
+					t.Errorf("a changed body verified: %v", err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
