@@ -315,12 +315,15 @@ func (s *setup) latencyRound(o options, rep *report, round int) error {
 	}
 	rate := floorRate / 2
 	n := int(rate*o.duration.Seconds()) + 9
-	for _, target := range []struct{ name, url string }{
+	targets := []struct{ name, url string }{
 		{"p99 floor at half rate", s.floorURL},
 		{"p99 dedupe tmpfs at half rate", s.gw.url(s.gw.tmpfs)},
 		{"p99 dedupe off at half rate", s.gw.url(s.gw.off)},
 		{p99GOGC, s.gogc.url(s.gogc.tmpfs)},
-	} {
+	}
+	// rotated like the other rows: a row that always ran first (or right
+	// after the closed-loop rows) would meet the machine in another state
+	for _, target := range slices.Concat(targets[round%len(targets):], targets[:round%len(targets)]) {
 		ds, err := genuine(s.k2048, 600, n)
 		if err != nil {
 			return err
