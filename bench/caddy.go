@@ -75,11 +75,6 @@ func newGatewayPorts() (gatewayPorts, error) {
 // startCaddy writes the Caddyfile and runs binary with it, its data and
 // config in work so nothing of the user's is touched.
 func startCaddy(name, binary, work string, g gatewayPorts, config string) (*proc, error) {
-	return startCaddyEnv(name, binary, work, g, config, nil)
-}
-
-// startCaddyEnv is startCaddy with extra environment variables.
-func startCaddyEnv(name, binary, work string, g gatewayPorts, config string, env []string) (*proc, error) {
 	dir := filepath.Join(work, name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -89,7 +84,7 @@ func startCaddyEnv(name, binary, work string, g gatewayPorts, config string, env
 		return nil, err
 	}
 	p, err := start(name, filepath.Join(dir, "caddy.log"),
-		append([]string{"XDG_DATA_HOME=" + dir, "XDG_CONFIG_HOME=" + dir}, env...),
+		[]string{"XDG_DATA_HOME=" + dir, "XDG_CONFIG_HOME=" + dir},
 		binary, "run", "--config", file, "--adapter", "caddyfile")
 	if err != nil {
 		return nil, err

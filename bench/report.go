@@ -56,7 +56,6 @@ var targets = []target{
 	{what: "200 KB, gateway (tmpfs) / floor (reported)", num: gatewayLarge, den: floorLarge},
 	{what: "p99 at half the floor's rate, gateway (tmpfs) / floor", num: "p99 dedupe tmpfs at half rate", den: "p99 floor at half rate", max: 2.0, latency: true},
 	{what: "p99 at half the floor's rate, gateway (dedupe off) / floor (reported: the proxy's share)", num: "p99 dedupe off at half rate", den: "p99 floor at half rate", latency: true},
-	{what: "p99 at half the floor's rate, gateway (tmpfs, GOGC=" + latencyGOGC + ") / floor (reported: the collector's share, what an operator can buy with memory)", num: p99GOGC, den: "p99 floor at half rate", latency: true},
 	{what: "forged flood, kayle_webhook 400s / respond 400", num: forgedGateway, den: forgedRespond, min: 0.80},
 }
 

@@ -32,8 +32,6 @@ type setup struct {
 	floorURL, nodeURL, backend      string
 	gw, boring                      gatewayPorts
 	gwProc, boringProc              *proc
-	gogc                            gatewayPorts // GOGC=latencyGOGC, for the latency rounds
-	gogcProc                        *proc
 	lastRate                        map[string]float64 // by row, the last round's
 }
 
@@ -193,13 +191,6 @@ func (s *setup) start(o options) error {
 		return err
 	}
 	s.procs = append(s.procs, s.boringProc)
-	if s.gogc, err = newGatewayPorts(); err != nil {
-		return err
-	}
-	if s.gogcProc, err = startCaddyEnv("caddy-gogc", s.caddyBin, s.work, s.gogc, s.config(s.gogc), []string{"GOGC=" + latencyGOGC}); err != nil {
-		return err
-	}
-	s.procs = append(s.procs, s.gogcProc)
 	return nil
 }
 
@@ -221,7 +212,6 @@ const (
 	floorLarge, nodeLarge        = "floor 200KB RSA-2048", "node 200KB RSA-2048"
 	gatewayLarge                 = "dedupe tmpfs 200KB RSA-2048"
 	forgedGateway, forgedRespond = "forged vs kayle_webhook", "forged vs respond 400"
-	p99GOGC                      = "p99 dedupe tmpfs GOGC=" + latencyGOGC + " at half rate"
 )
 
 func (s *setup) rows() []row {
@@ -296,15 +286,9 @@ func profileName(name string) string {
 	return string(out)
 }
 
-// latencyGOGC is the GOGC of a second gateway in the latency rounds: how
-// much of the tail the garbage collector makes, and what an operator can
-// buy back with memory.
-const latencyGOGC = "400"
-
-// latencyRound runs the floor and the gateway (tmpfs; dedupe off, to tell
-// the proxy's share from the storage's; tmpfs with GOGC=latencyGOGC, to tell
-// the collector's) at half the floor's throughput of this round, at a fixed
-// rate.
+// latencyRound runs the floor and the gateway (tmpfs, and dedupe off to
+// tell the proxy's share from the storage's) at half the floor's
+// throughput of this round, at a fixed rate.
 func (s *setup) latencyRound(o options, rep *report, round int) error {
 	if len(rep.results[floor2048]) <= round {
 		return errors.New("the latency rounds run at half the floor's rate: select the floor RSA-2048 row too")
@@ -319,7 +303,6 @@ func (s *setup) latencyRound(o options, rep *report, round int) error {
 		{"p99 floor at half rate", s.floorURL},
 		{"p99 dedupe tmpfs at half rate", s.gw.url(s.gw.tmpfs)},
 		{"p99 dedupe off at half rate", s.gw.url(s.gw.off)},
-		{p99GOGC, s.gogc.url(s.gogc.tmpfs)},
 	}
 	// rotated like the other rows: a row that always ran first (or right
 	// after the closed-loop rows) would meet the machine in another state
