@@ -30,6 +30,9 @@ type options struct {
 	rows     *regexp.Regexp // -rows: only these rows, printed, no report
 }
 
+// selected reports whether the row called name runs: all do without -rows.
+func (o options) selected(name string) bool { return o.rows == nil || o.rows.MatchString(name) }
+
 func main() {
 	var o options
 	serve := flag.String("serve", "", "internal: run the `floor` or `backend` server instead of the harness")
@@ -43,7 +46,7 @@ func main() {
 	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU and allocation profiles of the RSA-2048 gateway rows, the BoringCrypto row and the forged flood (first round) and heap profiles of the RSS test into this folder, from Caddy's admin /debug/pprof")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work folder (binaries, Caddyfiles, logs)")
 	flag.BoolVar(&o.rssOnly, "rss-only", false, "run only the memory test and print it (no BENCHMARKS.md)")
-	rowsExpr := flag.String("rows", "", "run only the rows whose names match this `regexp` (\"p99\" for the latency rounds, which need the floor RSA-2048 row too), print them and write no report: for experiments")
+	rowsExpr := flag.String("rows", "", "run only the rows whose names (as in BENCHMARKS.md) match this `regexp`, print them and their ratios, and write no report: for experiments (latency rows need \"floor RSA-2048\" too)")
 	flag.Parse()
 	if *rowsExpr != "" {
 		re, err := regexp.Compile(*rowsExpr)

@@ -56,6 +56,9 @@ func run(o options, command string) (missed int, err error) {
 			return 0, err
 		}
 	}
+	if err := checkRowSelection(o); err != nil {
+		return 0, err
+	}
 	s := &setup{lastRate: map[string]float64{}}
 	defer func() { s.close(o.keep) }()
 	if err := s.start(o); err != nil {
@@ -67,16 +70,11 @@ func run(o options, command string) (missed int, err error) {
 	}
 	rep := &report{opts: o, command: command, started: time.Now(), nodeInfo: s.nodeInfo, diskFS: s.diskFS}
 
-	rows := s.rows()
-	if o.rows != nil {
-		rows = slices.DeleteFunc(rows, func(rw row) bool { return !o.rows.MatchString(rw.name) })
-		if len(rows) == 0 {
-			return 0, fmt.Errorf("no row matches -rows %s", o.rows)
-		}
-	}
+	rows := slices.DeleteFunc(s.rows(), func(rw row) bool { return !o.selected(rw.name) })
+	latency := slices.ContainsFunc(latencyRowNames, o.selected)
 	for r := range o.rounds {
 		// rotate the order each round so no row always runs first or last
-		order := slices.Concat(rows[r%len(rows):], rows[:r%len(rows)])
+		order := rotated(rows, r)
 		for _, rw := range order {
 			res, err := s.runRow(o, rw, r)
 			if err != nil {
@@ -85,7 +83,7 @@ func run(o options, command string) (missed int, err error) {
 			rep.add(rw.name, res)
 			logf("round %d %-28s %8.1f/s  p99 %-8s non-2xx %d errors %d", r+1, rw.name, res.rate(), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
 		}
-		if o.rows != nil && !o.rows.MatchString("p99") {
+		if !latency {
 			continue
 		}
 		if err := s.latencyRound(o, rep, r); err != nil {
@@ -212,7 +210,43 @@ const (
 	floorLarge, nodeLarge        = "floor 200KB RSA-2048", "node 200KB RSA-2048"
 	gatewayLarge                 = "dedupe tmpfs 200KB RSA-2048"
 	forgedGateway, forgedRespond = "forged vs kayle_webhook", "forged vs respond 400"
+	// the latency rows, open loop at half the floor's rate
+	p99Floor, p99Tmpfs, p99Off = "p99 floor at half rate", "p99 dedupe tmpfs at half rate", "p99 dedupe off at half rate"
 )
+
+var latencyRowNames = []string{p99Floor, p99Tmpfs, p99Off}
+
+// rotated is xs rotated left by round, so that across rounds every element
+// runs first once.
+func rotated[T any](xs []T, round int) []T {
+	if len(xs) == 0 {
+		return xs
+	}
+	return slices.Concat(xs[round%len(xs):], xs[:round%len(xs)])
+}
+
+// checkRowSelection refuses, before anything is built, a -rows expression
+// that selects nothing, or latency rows without the floor RSA-2048 row
+// whose rate they run at.
+func checkRowSelection(o options) error {
+	if o.rows == nil {
+		return nil
+	}
+	if o.rssOnly {
+		return errors.New("-rows selects load rows; -rss-only runs none")
+	}
+	var names []string
+	for _, rw := range (&setup{}).rows() {
+		names = append(names, rw.name)
+	}
+	if !slices.ContainsFunc(append(names, latencyRowNames...), o.selected) {
+		return fmt.Errorf("no row matches -rows %s; the rows: %q", o.rows, append(names, latencyRowNames...))
+	}
+	if slices.ContainsFunc(latencyRowNames, o.selected) && !o.selected(floor2048) {
+		return fmt.Errorf("-rows %s selects latency rows, which run at half the floor's rate: select %q too", o.rows, floor2048)
+	}
+	return nil
+}
 
 func (s *setup) rows() []row {
 	gw, b := s.gw, s.boring
@@ -290,23 +324,18 @@ func profileName(name string) string {
 // tell the proxy's share from the storage's) at half the floor's
 // throughput of this round, at a fixed rate.
 func (s *setup) latencyRound(o options, rep *report, round int) error {
-	if len(rep.results[floor2048]) <= round {
-		return errors.New("the latency rounds run at half the floor's rate: select the floor RSA-2048 row too")
-	}
 	floorRate := rep.results[floor2048][round].rate()
 	if floorRate <= 0 {
 		return errors.New("the floor served nothing")
 	}
 	rate := floorRate / 2
 	n := int(rate*o.duration.Seconds()) + 9
-	targets := []struct{ name, url string }{
-		{"p99 floor at half rate", s.floorURL},
-		{"p99 dedupe tmpfs at half rate", s.gw.url(s.gw.tmpfs)},
-		{"p99 dedupe off at half rate", s.gw.url(s.gw.off)},
-	}
+	urls := map[string]string{p99Floor: s.floorURL, p99Tmpfs: s.gw.url(s.gw.tmpfs), p99Off: s.gw.url(s.gw.off)}
+	names := slices.DeleteFunc(slices.Clone(latencyRowNames), func(name string) bool { return !o.selected(name) })
 	// rotated like the other rows: a row that always ran first (or right
 	// after the closed-loop rows) would meet the machine in another state
-	for _, target := range slices.Concat(targets[round%len(targets):], targets[:round%len(targets)]) {
+	for _, name := range rotated(names, round) {
+		target := struct{ name, url string }{name, urls[name]}
 		ds, err := genuine(s.k2048, 600, n)
 		if err != nil {
 			return err
