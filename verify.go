@@ -175,11 +175,7 @@ func (sig signature) verify(body []byte, keys *macKeys, now time.Time, tolerance
 
 // signatureMAC is HMAC-SHA256(secret, timestamp + "." + body).
 func signatureMAC(secret []byte, timestamp string, body []byte) []byte {
-	mac := hmac.New(sha256.New, secret)
-	mac.Write([]byte(timestamp))
-	mac.Write([]byte{'.'})
-	mac.Write(body)
-	return mac.Sum(nil)
+	return newMACKeys([][]byte{secret}).sum(nil, 0, timestamp, body)
 }
 
 // SignatureHeaderValue builds an X-Kayle-Signature value for body, as Kayle
