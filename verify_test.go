@@ -227,3 +227,16 @@ func TestVerifyConcurrentPooledMACs(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// The send and inspect commands and the gateway now share one MAC
+// construction; check it against the protocol's definition, computed here
+// with crypto/hmac alone: HMAC-SHA256(secret, t + "." + body), hex.
+func TestSignatureMACIsTheProtocolsHMAC(t *testing.T) {
+	mac := hmac.New(sha256.New, testSecret)
+	mac.Write([]byte("1780000000.")) // the t as sent, then '.'
+	mac.Write(testBody)
+	want := "t=1780000000,v1=" + hex.EncodeToString(mac.Sum(nil))
+	if got := SignatureHeaderValue(testSecret, time.Unix(1780000000, 0), testBody); got != want {
+		t.Errorf("SignatureHeaderValue = %q, want %q", got, want)
+	}
+}
