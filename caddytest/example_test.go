@@ -117,7 +117,7 @@ func (e *example) load(env map[string]string) error {
 		t.Fatal(err)
 	}
 
-	err = postConfig("application/json", raw)
+	err = postConfig(raw)
 	e.h.tc.Client.CloseIdleConnections()
 	return err
 }

@@ -5,8 +5,10 @@
 //
 // In-process configs are loaded with our own POST /load instead of caddytest's
 // InitServer, because InitServer skips the calling test under `go test
-// -short`, and only the multi-process test may be skipped there. Requests go
-// through caddytest's Tester.
+// -short`, and only the multi-process test may be skipped there. Caddyfiles
+// are adapted in the test binary, so that every site gets a connection
+// counter (siteconns_test.go) before it is loaded. Requests go through
+// caddytest's Tester.
 package caddytest
 
 import (
@@ -29,6 +31,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	ctest "github.com/caddyserver/caddy/v2/caddytest"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	"github.com/go-jose/go-jose/v4"
@@ -233,27 +236,38 @@ func (h *harness) load(caddyfile string) {
 }
 
 // stop loads a config with no apps: every site stops, the handlers'
-// Cleanup runs.
+// Cleanup runs, and stop returns once no request to them is still running.
 func (h *harness) stop() {
 	h.t.Helper()
 	if err := loadConfig(fmt.Sprintf("{\n\tadmin localhost:%d\n\tpersist_config off\n}\n", adminPort)); err != nil {
 		h.t.Errorf("stopping the sites: %v", err)
 	}
 	h.tc.Client.CloseIdleConnections()
+	if err := waitSiteConnsClosed(15 * time.Second); err != nil {
+		h.t.Error(err)
+	}
 }
 
 func loadConfig(caddyfile string) error {
-	return postConfig("text/caddyfile", []byte(caddyfile))
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		return err
+	}
+	return postConfig(adapted)
 }
 
-// postConfig loads a config of the given content type through the admin
-// API's /load.
-func postConfig(contentType string, config []byte) error {
+// postConfig loads a JSON config through the admin API's /load, with every
+// site's connections counted (siteconns_test.go).
+func postConfig(config []byte) error {
+	config, err := countSiteConns(config)
+	if err != nil {
+		return err
+	}
 	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/load", adminPort), bytes.NewReader(config))
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Content-Type", contentType)
+	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Cache-Control", "must-revalidate") // reload even when unchanged
 	// the admin server restarts with each load: a pooled connection to the
 	// previous one may be reset under a POST, which is not retried
