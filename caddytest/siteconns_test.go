@@ -131,15 +131,22 @@ func TestStopWaitsForARunningDelivery(t *testing.T) {
 		_, _ = w.Write([]byte(`{"received":true}`))
 	}
 	be.mu.Unlock()
+	req := deliver(t, gw.url(), newEvent(t, nil)) // built here: t.Fatal belongs to the test's goroutine
 	delivered := make(chan error, 1)
 	go func() {
-		resp, err := h.tc.Client.Do(deliver(t, gw.url(), newEvent(t, nil)))
+		resp, err := h.tc.Client.Do(req)
 		if err == nil {
 			resp.Body.Close()
 		}
 		delivered <- err
 	}()
-	<-reached
+	select {
+	case <-reached:
+	case err := <-delivered:
+		t.Fatalf("the delivery ended before it reached the backend: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the delivery never reached the backend")
+	}
 
 	stopped := make(chan struct{})
 	go func() { h.stop(); close(stopped) }()
