@@ -26,7 +26,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "kayle",
-		Usage: "send|keygen|jwk|forget|inspect [flags]",
+		Usage: "send|keygen|jwk|forget|sweep|inspect [flags]",
 		Short: "Tools for the kayle_webhook handler",
 		Long: `
 Tools for running a kayle_webhook gateway:
@@ -35,12 +35,13 @@ Tools for running a kayle_webhook gateway:
     keygen    make a new RSA key: the private key file and the JWK to register
     jwk       print the public JWK of a key you already have
     forget    delete events' dedupe records, so a replay is forwarded again
+    sweep     delete the dedupe records older than dedupe_window, now
     inspect   explain a captured delivery against a config's secrets and keys
 
 Run "caddy kayle <command> --help" for each one's flags.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(newSendCommand(), newKeygenCommand(), newJWKCommand(), newForgetCommand(), newInspectCommand())
+			cmd.AddCommand(newSendCommand(), newKeygenCommand(), newJWKCommand(), newForgetCommand(), newSweepCommand(), newInspectCommand())
 		},
 	})
 }

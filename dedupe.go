@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -76,6 +77,12 @@ type deduper struct {
 
 	mu   sync.Mutex
 	held map[string]int // storage locks held now, by name, for Cleanup
+
+	// identity names the records this deduper keeps (storage and prefix),
+	// and generation orders the dedupers of one identity (see successor).
+	identity   string
+	generation uint64
+	retired    atomic.Bool // the handler was cleaned up (a reload, a stop)
 }
 
 // record is what the storage keeps per event: no plaintext, and not even
@@ -89,6 +96,9 @@ type record struct {
 	Status      int       `json:"status,omitempty"`
 	Holder      string    `json:"holder,omitempty"`
 	HeartbeatAt time.Time `json:"heartbeat_at,omitzero"`
+	// Released: the holder let go without delivering (its forward failed),
+	// so the next copy need not wait for the lease's silence.
+	Released bool `json:"released,omitempty"`
 }
 
 func newDeduper(storage certmagic.Storage, prefix string, window time.Duration, logger *zap.Logger, now func() time.Time) *deduper {
@@ -216,8 +226,8 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 		d.logger.Info("backend did not accept the event; not remembered, Kayle will retry",
 			zap.String("event_id", eventID), zap.Int("status", status))
 		if !held.lost.Load() {
-			// a sign of life for copies waiting now: this holder is done
-			if err := held.writeLease(ctx); err != nil {
+			// for copies waiting now: this holder let go, the next may forward
+			if err := held.writeMark(ctx, true); err != nil {
 				d.logger.Warn("marking a failed forward in dedupe storage", zap.String("event_id", eventID), zap.Error(err))
 			}
 		}
@@ -275,63 +285,7 @@ func (d *deduper) commit(ctx context.Context, recordKey string, rec record, stat
 	// the request may be gone by now; the record must still be written
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
 	defer cancel()
-	return d.storage.Store(ctx, recordKey, data)
-}
-
-func (d *deduper) lock(ctx context.Context, name string) error {
-	if err := d.storage.Lock(ctx, name); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	d.held[name]++
-	d.mu.Unlock()
-	return nil
-}
-
-func (d *deduper) unlock(name string) {
-	d.mu.Lock()
-	if d.held[name] == 0 {
-		// releaseAll (Cleanup) released it already, and storage Unlock does
-		// not check the owner: the lock may be another instance's by now
-		d.mu.Unlock()
-		return
-	}
-	if d.held[name]--; d.held[name] == 0 {
-		delete(d.held, name)
-	}
-	d.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), storageTimeout)
-	defer cancel()
-	if err := d.storage.Unlock(ctx, name); err != nil {
-		d.logger.Error("releasing a dedupe storage lock", zap.String("lock", name), zap.Error(err))
-	}
-}
-
-// forgetHeld stops counting a lock as held without releasing it: another
-// instance took it over.
-func (d *deduper) forgetHeld(name string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.held[name]--; d.held[name] <= 0 {
-		delete(d.held, name)
-	}
-}
-
-// releaseAll releases every storage lock still held, for Cleanup: Caddy only
-// releases certmagic's own locks on shutdown.
-func (d *deduper) releaseAll() {
-	d.mu.Lock()
-	names := make([]string, 0, len(d.held))
-	for name := range d.held {
-		names = append(names, name)
-	}
-	d.held = make(map[string]int)
-	d.mu.Unlock()
-	for _, name := range names {
-		ctx, cancel := context.WithTimeout(context.Background(), storageTimeout)
-		_ = d.storage.Unlock(ctx, name)
-		cancel()
-	}
+	return d.store(ctx, recordKey, data)
 }
 
 // startSweeper deletes expired records in the background until ctx ends.
@@ -359,36 +313,48 @@ func (d *deduper) startSweeper(ctx context.Context) {
 // marker record). A record re-written between our read and our delete is
 // lost; the cost is one duplicate forward of an event older than the window.
 func (d *deduper) sweep(ctx context.Context) error {
+	_, _, err := d.sweepRecords(ctx, false)
+	return err
+}
+
+// sweepRecords is sweep; now: even within an hour of the last sweep (the
+// sweep command). It returns how many records it deleted and saw.
+func (d *deduper) sweepRecords(ctx context.Context, now bool) (deleted, seen int, err error) {
 	lockName := "kayle_webhook_sweep_" + hashHex(d.prefix)[:32]
 	// long enough to outwait a dead sweeper's silence and take over
 	waitCtx, cancel := context.WithTimeout(ctx, d.timing.staleAfter+sweepLockWait)
 	held, _, err := d.acquire(waitCtx, lockName, path.Join(d.prefix, sweepLeaseName), "sweep")
 	cancel()
 	if errors.Is(err, errLockBusy) {
-		return nil // another instance is sweeping (or Caddy is stopping)
+		return 0, 0, nil // another instance is sweeping (or Caddy is stopping)
 	}
 	if err != nil {
-		return fmt.Errorf("taking the sweep lock: %w", err)
+		return 0, 0, fmt.Errorf("taking the sweep lock: %w", err)
 	}
 	if held == nil {
-		return nil // cannot happen: a sweep lease is never a delivery
+		return 0, 0, nil // cannot happen: a sweep lease is never a delivery
 	}
 	defer held.release()
 	if err := held.writeLease(ctx); err != nil {
-		return fmt.Errorf("writing the sweep lease: %w", err)
+		return 0, 0, fmt.Errorf("writing the sweep lease: %w", err)
 	}
 	held.heartbeat(d.timing.beatEvery)
-	defer held.settle()
+	defer func() {
+		held.settle()
+		if !held.lost.Load() {
+			// the next sweeper need not wait for this lease's silence
+			_ = held.writeMark(ctx, true)
+		}
+	}()
 
 	markerKey := path.Join(d.prefix, "last_sweep")
-	if data, err := d.storage.Load(ctx, markerKey); err == nil {
+	if data, err := d.storage.Load(ctx, markerKey); err == nil && !now {
 		if last, err := time.Parse(time.RFC3339Nano, string(data)); err == nil && d.now().Sub(last) < sweepInterval {
-			return nil
+			return 0, 0, nil
 		}
 	}
-	now, sweepStart := d.now(), time.Now()
-	cutoff := now.Add(-d.window)
-	deleted, seen := 0, 0
+	clock, sweepStart := d.now(), time.Now()
+	cutoff := clock.Add(-d.window)
 	var listErr error
 	// One record folder at a time: the keys of a busy window (a million
 	// records) are never all in memory at once, and the sweep rests between
@@ -417,9 +383,9 @@ func (d *deduper) sweep(ctx context.Context) error {
 		seen += len(keys)
 		for _, key := range keys {
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return deleted, seen, ctx.Err()
 			}
-			expired, err := d.expired(ctx, key, cutoff, now)
+			expired, err := d.expired(ctx, key, cutoff, clock)
 			if err != nil || !expired {
 				continue
 			}
@@ -431,16 +397,16 @@ func (d *deduper) sweep(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return deleted, seen, ctx.Err()
 		case <-time.After(min(time.Since(began)*sweepPause, sweepMaxPause)):
 		}
 	}
 	d.logger.Info("swept expired dedupe records", zap.Int("deleted", deleted), zap.Int("seen", seen),
 		zap.Duration("took", time.Since(sweepStart)))
 	if listErr != nil {
-		return listErr
+		return deleted, seen, listErr
 	}
-	return d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
+	return deleted, seen, d.storage.Store(ctx, markerKey, []byte(d.now().UTC().Format(time.RFC3339Nano)))
 }
 
 // expired reports whether key is one of ours and older than cutoff: a record
@@ -460,8 +426,15 @@ func (d *deduper) expired(ctx context.Context, key string, cutoff, now time.Time
 		return false, nil
 	}
 	info, err := d.storage.Stat(ctx, key)
-	if err != nil || !info.IsTerminal {
+	if err != nil {
 		return false, err
+	}
+	// A record key is never a folder in our layout, and some storage
+	// modules (Redis, PostgreSQL) report no key as terminal: a record is
+	// read whatever Stat says. A stray temp file must be a file, since
+	// deleting a folder key deletes what is below it.
+	if !info.IsTerminal && !isRecord {
+		return false, nil
 	}
 	if info.Modified.After(cutoff.Add(sweepClockMargin)) && !info.Modified.After(now) {
 		return false, nil

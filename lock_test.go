@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"path"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -37,7 +38,7 @@ func newLockTestDeduper(st *memStorage) (*deduper, *observer.ObservedLogs) {
 }
 
 func takeovers(logs *observer.ObservedLogs) int {
-	return logs.FilterMessageSnippet("taking over a storage lock").Len()
+	return logs.FilterMessageSnippet("taking over an event").Len()
 }
 
 // writeLeaseAt writes the lease a holder would have written at `at`.
@@ -90,7 +91,7 @@ func TestLockTakeOverFromDeadHolder(t *testing.T) {
 			if takeovers(logs) != 1 {
 				t.Errorf("%d takeovers logged, want 1", takeovers(logs))
 			}
-			assertNoLocks(t, d)
+			assertLocksLeft(t, d, lockName) // the dead instance's: not ours to release
 			assertDuplicate(t, deliverEvent(d, id, backend), id)
 		})
 	}
@@ -203,16 +204,20 @@ func TestLockStalledHolderKeepsOffTheNewHoldersLock(t *testing.T) {
 	if !old.lost.Load() {
 		t.Error("the stalled holder did not notice it lost the lock")
 	}
-	if held := st.heldLocks(); !slices.Equal(held, []string{lockName}) {
-		t.Fatalf("after the stalled holder released: held locks = %v, want the new holder's %s", held, lockName)
+	// the new holder's takeover lock, and the stalled holder's own lock,
+	// which it leaves: a lock of its that lapsed may be another's by now
+	takeoverLock := takeoverLockName(lockName, nil)
+	if held := st.heldLocks(); !slices.Equal(held, []string{lockName, takeoverLock}) {
+		close(finish)
+		t.Fatalf("after the stalled holder released: held locks = %v, want %s and the new holder's %s", held, lockName, takeoverLock)
 	}
 	if stalledLogs.Len() != 0 {
 		t.Logf("stalled holder logged: %v", stalledLogs.All())
 	}
 	close(finish)
 	assertForwardedOK(t, waitFor(t, done, "the new holder"))
-	assertNoLocks(t, here)
-	assertNoLocks(t, stalled)
+	assertLocksLeft(t, here, lockName)
+	assertLocksLeft(t, stalled, lockName)
 }
 
 // A holder that finds its lease replaced while it forwards stops renewing
@@ -298,11 +303,16 @@ func TestLockFailedForwardLeavesALease(t *testing.T) {
 	if err != nil || json.Unmarshal(data, &rec) != nil {
 		t.Fatalf("no lease after a failed forward: %v", err)
 	}
-	if !rec.DeliveredAt.IsZero() || rec.Holder == "" || rec.HeartbeatAt.IsZero() {
-		t.Errorf("record after a failed forward = %+v; want a lease, not a delivery", rec)
+	if !rec.DeliveredAt.IsZero() || rec.Holder == "" || rec.HeartbeatAt.IsZero() || !rec.Released {
+		t.Errorf("record after a failed forward = %+v; want a released lease, not a delivery", rec)
 	}
 	assertNoLocks(t, d)
+	// the holder let go: the next copy does not wait for its lease's silence
+	began := time.Now()
 	assertForwardedOK(t, deliverEvent(d, id, &testBackend{}))
+	if waited := time.Since(began); waited >= fastLockTiming.staleAfter {
+		t.Errorf("the next copy waited %s after a released lease", waited)
+	}
 }
 
 // The sweep lock is covered too: a sweeper that died holding it is taken
@@ -324,8 +334,8 @@ func TestSweepTakesOverADeadSweepersLock(t *testing.T) {
 		t.Errorf("%d takeovers logged, want 1", takeovers(logs))
 	}
 	fixture.assertSwept(t, d)
-	if held := st.heldLocks(); len(held) > 0 {
-		t.Errorf("locks held after the sweep: %v", held)
+	if held := st.heldLocks(); !slices.Equal(held, []string{lockName}) {
+		t.Errorf("locks held after the sweep: %v, want only the dead sweeper's", held)
 	}
 }
 
@@ -389,7 +399,7 @@ func TestLockTakerWritesItsLeaseAtOnce(t *testing.T) {
 	if holderAtForward == "" {
 		t.Error("the copy that took the lock over forwarded before writing its lease")
 	}
-	assertNoLocks(t, d)
+	assertLocksLeft(t, d, lockName)
 }
 
 // A holder checks its lease before it releases, however briefly it held the
@@ -412,5 +422,156 @@ func TestLockBriefHolderChecksItsLease(t *testing.T) {
 	}
 	if got := st.heldLocks(); !slices.Equal(got, []string{lockName}) {
 		t.Errorf("held locks = %v; the brief holder released the taker's lock", got)
+	}
+}
+
+// ctxBoundStorage is a memStorage whose locks live only as long as the
+// context of the Lock call that took them, as pglock's and DynamoDB's
+// renewals do: a lock whose context ends lapses.
+type ctxBoundStorage struct{ *memStorage }
+
+func (s ctxBoundStorage) Lock(ctx context.Context, name string) error {
+	if err := s.memStorage.Lock(ctx, name); err != nil {
+		return err
+	}
+	ch := s.lockChan(name)
+	go func() {
+		<-ctx.Done()
+		select { // lapse, unless already released
+		case <-ch:
+		default:
+		}
+	}()
+	return nil
+}
+
+// A storage lock renewed only while its Lock call's context lives stays
+// held for the whole forward: the gateway's Lock context lives as long as
+// the hold, and ends only after the release.
+func TestLockContextLivesAsLongAsTheHold(t *testing.T) {
+	st := ctxBoundStorage{newMemStorage()}
+	d, _ := newLockTestDeduper(st.memStorage)
+	d.storage = st
+	const id = "evt_ctx_bound"
+	_, _, lockName := d.eventKeys(id)
+	var heldDuringForward []string
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
+		time.Sleep(3 * fastLockTiming.pollEvery) // a lapse would show by now
+		heldDuringForward = st.heldLocks()
+		_, err := w.Write([]byte("ok"))
+		return err
+	}}
+	assertForwardedOK(t, deliverEvent(d, id, backend))
+	if !slices.Equal(heldDuringForward, []string{lockName}) {
+		t.Errorf("storage locks held during the forward: %v, want the event's %s", heldDuringForward, lockName)
+	}
+	assertNoLocks(t, d)
+}
+
+// A copy that wins the storage lock while another holder's lease is alive
+// (the storage lock lapsed under it: a TTL, a stall) waits as if it had
+// not won, and then finds the event delivered.
+func TestLockLiveLeaseDecidesOverAWonStorageLock(t *testing.T) {
+	st := newMemStorage()
+	here, logs := newLockTestDeduper(st)
+	there, _ := newLockTestDeduper(st)
+	const id = "evt_lapsed_lock"
+	_, key, lockName := there.eventKeys(id)
+	held, _, err := there.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := held.writeLease(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(there.timing.beatEvery)
+	// the holder's storage lock lapses while it forwards
+	if err := st.Unlock(context.Background(), lockName); err != nil {
+		t.Fatal(err)
+	}
+	backend := &testBackend{}
+	done := make(chan served, 1)
+	go func() { done <- deliverEvent(here, id, backend) }()
+	time.Sleep(2 * fastLockTiming.staleAfter)
+	if backend.Calls() != 0 || takeovers(logs) != 0 {
+		t.Fatalf("a copy that won a lapsed storage lock forwarded beside a live holder (forwards %d, takeovers %d)", backend.Calls(), takeovers(logs))
+	}
+	held.settle()
+	there.remember(context.Background(), held, id, http.StatusOK)
+	held.release()
+	assertDuplicate(t, waitFor(t, done, "the waiting copy"), id)
+	if backend.Calls() != 0 {
+		t.Errorf("backend called %d times, want 0", backend.Calls())
+	}
+}
+
+// While the storage stalls, a holder cannot renew its lease: the time a
+// waiter's reads were stalled is no evidence of the holder's death, so a
+// stall longer than the stale time takes no live holder over.
+func TestLockStorageStallIsNotSilence(t *testing.T) {
+	st := newMemStorage()
+	here, logs := newLockTestDeduper(st)
+	there, _ := newLockTestDeduper(st)
+	const id = "evt_storage_stall"
+	_, key, lockName := there.eventKeys(id)
+	held, _, err := there.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := held.writeLease(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	held.heartbeat(there.timing.beatEvery)
+	var stall sync.Mutex // held while the storage is stalled
+	st.hook = func(method, _ string) {
+		if method == "Load" || method == "Store" {
+			stall.Lock()
+			stall.Unlock() //nolint:staticcheck // a barrier: wait for the stall's end
+		}
+	}
+	backend := &testBackend{}
+	done := make(chan served, 1)
+	go func() { done <- deliverEvent(here, id, backend) }()
+	time.Sleep(3 * fastLockTiming.pollEvery) // the copy is watching the lease
+	stall.Lock()
+	time.Sleep(fastLockTiming.staleAfter + time.Second)
+	stall.Unlock()
+	time.Sleep(fastLockTiming.staleAfter / 2) // less than a stale time after the stall
+	if backend.Calls() != 0 || takeovers(logs) != 0 {
+		t.Errorf("a storage stall was taken for the holder's death (forwards %d, takeovers %d)", backend.Calls(), takeovers(logs))
+	}
+	held.settle()
+	there.remember(context.Background(), held, id, http.StatusOK)
+	held.release()
+	assertDuplicate(t, waitFor(t, done, "the waiting copy"), id)
+}
+
+// Waiters of one silent lease take it over through one lock: exactly one
+// of them forwards, the others find the event delivered.
+func TestLockOneOfManyWaitersTakesOver(t *testing.T) {
+	st := newMemStorage()
+	const id = "evt_many_waiters"
+	probe, _ := newLockTestDeduper(st)
+	_, _, lockName := probe.eventKeys(id)
+	if err := st.Lock(context.Background(), lockName); err != nil { // the dead holder's
+		t.Fatal(err)
+	}
+	backend := &testBackend{}
+	results := make(chan served, 4)
+	for range 4 { // four instances, each with one copy
+		d, _ := newLockTestDeduper(st)
+		d.timing.waitLimit = 4 * fastLockTiming.staleAfter
+		go func() { results <- deliverEvent(d, id, backend) }()
+	}
+	forwarded := 0
+	for range 4 {
+		res := waitFor(t, results, "a copy")
+		if res.Rec.Header().Get(HeaderDuplicate) == "" {
+			assertForwardedOK(t, res)
+			forwarded++
+		}
+	}
+	if forwarded != 1 || backend.Calls() != 1 {
+		t.Errorf("%d copies forwarded, backend called %d times; want 1 and 1", forwarded, backend.Calls())
 	}
 }

@@ -286,6 +286,7 @@ func (h *Handler) provisionDedupe(ctx caddy.Context) error {
 		return err
 	}
 	var storage certmagic.Storage
+	storageRaw := h.StorageRaw // LoadModule clears it
 	if h.StorageRaw != nil {
 		mod, err := ctx.LoadModule(h, "StorageRaw")
 		if err != nil {
@@ -298,9 +299,26 @@ func (h *Handler) provisionDedupe(ctx caddy.Context) error {
 	} else {
 		storage = ctx.Storage()
 	}
-	h.dedupe = newDeduper(storage, prefix, window, h.logger, h.now)
+	d := newDeduper(storage, prefix, window, h.logger, h.now)
+	if err := probeExclusion(storage, storageIdentity(storage, prefix), h.logger); err != nil {
+		return fmt.Errorf("dedupe storage %s: %w; use a storage whose lock excludes (see the README's storage table), or set dedupe off", storageName(storageRaw, storage), err)
+	}
+	d.register()
+	h.dedupe = d
 	h.dedupe.startSweeper(ctx)
 	return nil
+}
+
+// storageName names a dedupe storage for an error: its module name when
+// the handler configures one, else the global storage's type.
+func storageName(raw json.RawMessage, storage certmagic.Storage) string {
+	var mod struct {
+		Module string `json:"module"`
+	}
+	if json.Unmarshal(raw, &mod) == nil && mod.Module != "" {
+		return "caddy.storage." + mod.Module
+	}
+	return fmt.Sprintf("(the global storage, %T)", storage)
 }
 
 // setLogger sets the handler's logger. A flood of forged requests must not
@@ -329,7 +347,11 @@ func (h *Handler) Validate() error {
 // forwarding (Caddy does not wait for them), and each releases its own lock;
 // releasing it under them would let another instance forward a duplicate.
 func (h *Handler) Cleanup() error {
-	if h.dedupe != nil && h.exiting != nil && h.exiting() {
+	if h.dedupe == nil {
+		return nil
+	}
+	h.dedupe.retire()
+	if h.exiting != nil && h.exiting() {
 		h.dedupe.releaseAll()
 	}
 	return nil
