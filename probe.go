@@ -20,7 +20,13 @@ const (
 	// probeLockTimeout bounds the probe's first Lock: a storage that is
 	// down at start is not judged (deliveries get 503 until it is back).
 	probeLockTimeout = 10 * time.Second
+	// probeGrace is how long past its deadline the second Lock may take to
+	// return, and TryLock to answer: file_system's TryLock takes up to 2 s.
+	probeGrace = 3 * time.Second
 )
+
+// errIgnoresContext: a storage's Lock did not return when its context ended.
+var errIgnoresContext = errors.New("a Lock of a held lock name did not return when its context ended: a copy waiting on this storage could never give up")
 
 // errNoExclusion: a storage's Lock let a second caller take a held lock.
 var errNoExclusion = errors.New("a second Lock (or TryLock) of a held lock name succeeded: this storage's lock does not exclude, so dedupe cannot forward each event once")
@@ -68,17 +74,29 @@ func probeExclusion(storage certmagic.Storage, identity string, logger *zap.Logg
 	}
 	defer unlockQuietly(storage, name)
 
-	secondCtx, cancel := context.WithTimeout(context.Background(), probeWait)
-	defer cancel()
-	if err := storage.Lock(secondCtx, name); err == nil {
-		return errNoExclusion
-	}
-	if tl, ok := storage.(certmagic.TryLocker); ok {
-		tryCtx, cancel := context.WithTimeout(context.Background(), probeWait)
+	// The second try runs beside the probe: a Lock that ignores its
+	// context (techknowlogick/certmagic-s3 spins for ever) must not hang
+	// the config load, and would hang a copy's wait the same way.
+	second := make(chan bool, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), probeWait)
 		defer cancel()
-		if ok, err := tl.TryLock(tryCtx, name); ok && err == nil {
+		granted := storage.Lock(ctx, name) == nil
+		if tl, ok := storage.(certmagic.TryLocker); ok && !granted {
+			tryCtx, cancel := context.WithTimeout(context.Background(), probeWait)
+			defer cancel()
+			ok, err := tl.TryLock(tryCtx, name)
+			granted = ok && err == nil
+		}
+		second <- granted
+	}()
+	select {
+	case granted := <-second:
+		if granted {
 			return errNoExclusion
 		}
+	case <-time.After(probeWait + probeGrace):
+		return errIgnoresContext
 	}
 	probedStorages.Store(identity, true)
 	return nil

@@ -16,7 +16,9 @@ import (
 // testStorageModule is a storage module for the probe's tests, with the
 // lock behaviours of real modules: "excludes" (a memStorage), "nolock"
 // (Lock and Unlock return nil at once, as ss098/certmagic-s3 does),
-// "trylock_lies" (Lock excludes, TryLock grants a held lock).
+// "trylock_lies" (Lock excludes, TryLock grants a held lock),
+// "ignores_ctx" (Lock waits for a held lock past its context's end, as
+// techknowlogick/certmagic-s3's spins).
 type testStorageModule struct {
 	Behaviour string `json:"behaviour"`
 }
@@ -41,6 +43,8 @@ func (m testStorageModule) CertMagicStorage() (certmagic.Storage, error) {
 		st = noLockStorage{mem}
 	case "trylock_lies":
 		st = lyingTryLocker{mem}
+	case "ignores_ctx":
+		st = ctxIgnoringStorage{mem}
 	}
 	testStorages.Store(m.Behaviour, mem)
 	return st, nil
@@ -53,6 +57,14 @@ func (noLockStorage) Unlock(context.Context, string) error { return nil }
 
 type lyingTryLocker struct{ *memStorage }
 
+// ctxIgnoringStorage's Lock of a held name does not return when its
+// context ends (it returns when the lock is freed).
+type ctxIgnoringStorage struct{ *memStorage }
+
+func (s ctxIgnoringStorage) Lock(_ context.Context, name string) error {
+	return s.memStorage.Lock(context.Background(), name)
+}
+
 func (lyingTryLocker) TryLock(context.Context, string) (bool, error) { return true, nil }
 
 func testLocksJSON(behaviour string) json.RawMessage {
@@ -63,7 +75,12 @@ func testLocksJSON(behaviour string) json.RawMessage {
 // an error that names the module and what to do; one that excludes is
 // used, and the probe's lock is released.
 func TestProvisionProbesTheStorageLock(t *testing.T) {
-	for _, behaviour := range []string{"nolock", "trylock_lies"} {
+	for _, c := range []struct{ behaviour, says string }{
+		{"nolock", "does not exclude"},
+		{"trylock_lies", "does not exclude"},
+		{"ignores_ctx", "did not return when its context ended"},
+	} {
+		behaviour := c.behaviour
 		t.Run(behaviour, func(t *testing.T) {
 			h := &Handler{
 				SigningSecrets: []string{demoSecret(t)},
@@ -74,7 +91,7 @@ func TestProvisionProbesTheStorageLock(t *testing.T) {
 			if err == nil {
 				t.Fatal("a storage whose lock does not exclude was accepted for dedupe")
 			}
-			for _, want := range []string{"caddy.storage.kayle_test_locks", "does not exclude", "dedupe off"} {
+			for _, want := range []string{"caddy.storage.kayle_test_locks", c.says, "dedupe off"} {
 				if !strings.Contains(err.Error(), want) {
 					t.Errorf("error %q does not say %q", err, want)
 				}

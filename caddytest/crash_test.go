@@ -108,8 +108,8 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	}
 	t.Logf("E reached the backend again %s after B was killed; Kayle's retries at A got %v",
 		(<-takenOver).Sub(killed).Round(100*time.Millisecond), statuses)
-	if !strings.Contains(a.out.String(), "taking over a storage lock") {
-		t.Error("A did not log the takeover of B's lock")
+	if !strings.Contains(a.out.String(), "taking over an event") {
+		t.Error("A did not log the takeover of B's event")
 	}
 
 	// delivered now: a later retry, at either instance, is a duplicate
