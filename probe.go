@@ -28,6 +28,9 @@ const (
 // errIgnoresContext: a storage's Lock did not return when its context ended.
 var errIgnoresContext = errors.New("a Lock of a held lock name did not return when its context ended: a copy waiting on this storage could never give up")
 
+// errNoWait: a storage's Lock of a held name failed at once.
+var errNoWait = errors.New("a Lock of a held lock name failed at once instead of waiting: every copy of an event delivered while another is forwarded would be refused, and such a lock (check, then write) does not exclude under concurrency")
+
 // errNoExclusion: a storage's Lock let a second caller take a held lock.
 var errNoExclusion = errors.New("a second Lock (or TryLock) of a held lock name succeeded: this storage's lock does not exclude, so dedupe cannot forward each event once")
 
@@ -77,23 +80,34 @@ func probeExclusion(storage certmagic.Storage, identity string, logger *zap.Logg
 	// The second try runs beside the probe: a Lock that ignores its
 	// context (techknowlogick/certmagic-s3 spins for ever) must not hang
 	// the config load, and would hang a copy's wait the same way.
-	second := make(chan bool, 1)
+	type answer struct{ granted, waited bool }
+	second := make(chan answer, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), probeWait)
 		defer cancel()
+		began := time.Now()
 		granted := storage.Lock(ctx, name) == nil
+		waited := time.Since(began) >= probeWait/2
+		if granted {
+			// a lock the storage should not have granted, or (a Lock that
+			// ignored its context) granted once the probe let go of it
+			defer unlockQuietly(storage, name)
+		}
 		if tl, ok := storage.(certmagic.TryLocker); ok && !granted {
 			tryCtx, cancel := context.WithTimeout(context.Background(), probeWait)
 			defer cancel()
 			ok, err := tl.TryLock(tryCtx, name)
 			granted = ok && err == nil
 		}
-		second <- granted
+		second <- answer{granted, waited}
 	}()
 	select {
-	case granted := <-second:
-		if granted {
+	case a := <-second:
+		if a.granted {
 			return errNoExclusion
+		}
+		if !a.waited {
+			return errNoWait
 		}
 	case <-time.After(probeWait + probeGrace):
 		return errIgnoresContext

@@ -17,7 +17,7 @@ import (
 // lock behaviours of real modules: "excludes" (a memStorage), "nolock"
 // (Lock and Unlock return nil at once, as ss098/certmagic-s3 does),
 // "trylock_lies" (Lock excludes, TryLock grants a held lock),
-// "ignores_ctx" (Lock waits for a held lock past its context's end, as
+// "never_waits" (Lock of a held name fails at once), "ignores_ctx" (Lock waits for a held lock past its context's end, as
 // techknowlogick/certmagic-s3's spins).
 type testStorageModule struct {
 	Behaviour string `json:"behaviour"`
@@ -45,6 +45,8 @@ func (m testStorageModule) CertMagicStorage() (certmagic.Storage, error) {
 		st = lyingTryLocker{mem}
 	case "ignores_ctx":
 		st = ctxIgnoringStorage{mem}
+	case "never_waits":
+		st = neverWaitingStorage{mem}
 	}
 	testStorages.Store(m.Behaviour, mem)
 	return st, nil
@@ -56,6 +58,16 @@ func (noLockStorage) Lock(context.Context, string) error   { return nil }
 func (noLockStorage) Unlock(context.Context, string) error { return nil }
 
 type lyingTryLocker struct{ *memStorage }
+
+// neverWaitingStorage's Lock of a held name fails at once, as
+// yroc92/postgres-storage's does.
+type neverWaitingStorage struct{ *memStorage }
+
+func (s neverWaitingStorage) Lock(_ context.Context, name string) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return s.memStorage.Lock(ctx, name)
+}
 
 // ctxIgnoringStorage's Lock of a held name does not return when its
 // context ends (it returns when the lock is freed).
@@ -79,6 +91,7 @@ func TestProvisionProbesTheStorageLock(t *testing.T) {
 		{"nolock", "does not exclude"},
 		{"trylock_lies", "does not exclude"},
 		{"ignores_ctx", "did not return when its context ended"},
+		{"never_waits", "failed at once instead of waiting"},
 	} {
 		behaviour := c.behaviour
 		t.Run(behaviour, func(t *testing.T) {
