@@ -171,3 +171,63 @@ func openLoop(url string, ds []delivery, rate float64, dur time.Duration) result
 func is2xx(status int) bool { return status/100 == 2 }
 
 func is400(status int) bool { return status == http.StatusBadRequest }
+
+// flood sends d again and again from conc workers, each waiting for its
+// answer before the next, until stop is closed, maxDur has passed or maxN
+// requests were sent: a closed-loop flood at whatever rate the server and
+// the generator reach. The first 2*conc requests open the connections and
+// are not counted.
+func flood(url string, d delivery, conc, maxN int, maxDur time.Duration, stop <-chan struct{}, wantStatus func(int) bool) result {
+	client := newClient(conc)
+	defer client.CloseIdleConnections()
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			for range 2 {
+				_, _ = post(client, url, d)
+			}
+		})
+	}
+	wg.Wait()
+
+	var sent atomic.Int64
+	var mu sync.Mutex
+	var res result
+	start := time.Now()
+	deadline := start.Add(maxDur)
+	stopped := func() bool {
+		select {
+		case <-stop:
+			return true
+		default:
+			return false
+		}
+	}
+	for range conc {
+		wg.Go(func() {
+			var local result
+			for sent.Add(1) <= int64(maxN) && time.Now().Before(deadline) && !stopped() {
+				t0 := time.Now()
+				status, err := post(client, url, d)
+				switch {
+				case err != nil:
+					local.errors++
+				case wantStatus(status):
+					local.ok++
+					local.latencies = append(local.latencies, time.Since(t0))
+				default:
+					local.non2xx++
+				}
+			}
+			mu.Lock()
+			res.ok += local.ok
+			res.non2xx += local.non2xx
+			res.errors += local.errors
+			res.latencies = append(res.latencies, local.latencies...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	res.elapsed = time.Since(start)
+	return res
+}

@@ -16,18 +16,19 @@ import (
 
 // options are the command-line flags of one measurement run.
 type options struct {
-	quick    bool
-	rounds   int
-	duration time.Duration
-	conc     int
-	maxSmall int // request bound per row, 600 B deliveries
-	maxLarge int // request bound per row, 200 KB deliveries
-	rssWaves int
-	out      string
-	pprofDir string
-	keep     bool
-	rssOnly  bool
-	rows     *regexp.Regexp // -rows: only these rows, printed, no report
+	quick     bool
+	rounds    int
+	duration  time.Duration
+	conc      int
+	floodConc int // connections of the forged flood beside genuine deliveries
+	maxSmall  int // request bound per row, 600 B deliveries
+	maxLarge  int // request bound per row, 200 KB deliveries
+	rssWaves  int
+	out       string
+	pprofDir  string
+	keep      bool
+	rssOnly   bool
+	rows      *regexp.Regexp // -rows: only these rows, printed, no report
 }
 
 // selected reports whether the row called name runs: all do without -rows.
@@ -41,9 +42,10 @@ func main() {
 	flag.IntVar(&o.rounds, "rounds", 5, "interleaved rounds")
 	flag.DurationVar(&o.duration, "duration", 4*time.Second, "the longest a row runs in one round")
 	flag.IntVar(&o.conc, "c", 8, "concurrent requests of the closed-loop rows")
+	flag.IntVar(&o.floodConc, "flood-c", 0, "connections of the forged flood that genuine deliveries run beside (0: whichever of 4, 8, 16, 32, 64 floods fastest in two 1 s probes of each)")
 	flag.IntVar(&o.rssWaves, "rss-waves", 5, "waves of 64 concurrent 1 MiB deliveries in the memory test")
 	flag.StringVar(&o.out, "o", "BENCHMARKS.md", "report file")
-	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU and allocation profiles of the RSA-2048 gateway rows, the BoringCrypto row and the forged flood (first round) and heap profiles of the RSS test into this folder, from Caddy's admin /debug/pprof")
+	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU and allocation profiles of the RSA-2048 gateway rows, the BoringCrypto row, the forged flood and the genuine deliveries under it (first round) and heap profiles of the RSS test into this folder, from Caddy's admin /debug/pprof")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work folder (binaries, Caddyfiles, logs)")
 	flag.BoolVar(&o.rssOnly, "rss-only", false, "run only the memory test and print it (no BENCHMARKS.md)")
 	rowsExpr := flag.String("rows", "", "run only the rows whose names (as in BENCHMARKS.md) match this `regexp`, print them and their ratios, and write no report: for experiments (latency rows need \"floor RSA-2048\" too)")

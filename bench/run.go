@@ -72,6 +72,7 @@ func run(o options, command string) (missed int, err error) {
 
 	rows := slices.DeleteFunc(s.rows(), func(rw row) bool { return !o.selected(rw.name) })
 	latency := slices.ContainsFunc(latencyRowNames, o.selected)
+	underLoad := o.selected(underFlood)
 	for r := range o.rounds {
 		// rotate the order each round so no row always runs first or last
 		order := rotated(rows, r)
@@ -83,11 +84,15 @@ func run(o options, command string) (missed int, err error) {
 			rep.add(rw.name, res)
 			logf("round %d %-28s %8.1f/s  p99 %-8s non-2xx %d errors %d", r+1, rw.name, res.rate(), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
 		}
-		if !latency {
-			continue
+		if latency {
+			if err := s.latencyRound(o, rep, r); err != nil {
+				return 0, err
+			}
 		}
-		if err := s.latencyRound(o, rep, r); err != nil {
-			return 0, err
+		if underLoad {
+			if err := s.floodRound(o, rep, r); err != nil {
+				return 0, err
+			}
 		}
 	}
 	if o.rows != nil {
@@ -212,9 +217,16 @@ const (
 	forgedGateway, forgedRespond = "forged vs kayle_webhook", "forged vs respond 400"
 	// the latency rows, open loop at half the floor's rate
 	p99Floor, p99Tmpfs, p99Off = "p99 floor at half rate", "p99 dedupe tmpfs at half rate", "p99 dedupe off at half rate"
+	// genuine deliveries at a fixed rate beside a forged flood (issue 13),
+	// selected by the first name; the second is the flood's own row
+	underFlood, floodBeside = "genuine 50/s under forged flood", "forged flood beside genuine 50/s"
 )
 
 var latencyRowNames = []string{p99Floor, p99Tmpfs, p99Off}
+
+// genuineUnderFlood is the rate of the genuine deliveries beside the flood,
+// as issue 13 sets it.
+const genuineUnderFlood = 50.0
 
 // rotated is xs rotated left by round, so that across rounds every element
 // runs first once.
@@ -239,8 +251,9 @@ func checkRowSelection(o options) error {
 	for _, rw := range (&setup{}).rows() {
 		names = append(names, rw.name)
 	}
-	if !slices.ContainsFunc(append(names, latencyRowNames...), o.selected) {
-		return fmt.Errorf("no row matches -rows %s; the rows: %q", o.rows, append(names, latencyRowNames...))
+	names = append(append(names, latencyRowNames...), underFlood)
+	if !slices.ContainsFunc(names, o.selected) {
+		return fmt.Errorf("no row matches -rows %s; the rows: %q", o.rows, names)
 	}
 	if slices.ContainsFunc(latencyRowNames, o.selected) && !o.selected(floor2048) {
 		return fmt.Errorf("-rows %s selects latency rows, which run at half the floor's rate: select %q too", o.rows, floor2048)
@@ -313,7 +326,7 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 func profileName(name string) string {
 	out := []byte(name)
 	for i, c := range out {
-		if c == ' ' {
+		if c == ' ' || c == '/' {
 			out[i] = '-'
 		}
 	}
@@ -346,6 +359,106 @@ func (s *setup) latencyRound(o options, rep *report, round int) error {
 			res.percentile(0.5).Round(10*time.Microsecond), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
 	}
 	return nil
+}
+
+// floodRound sends genuine deliveries, each a new event, open loop at
+// genuineUnderFlood a second to the tmpfs dedupe site (RSA-2048) while a
+// closed-loop forged-signature flood from o.floodConc connections hits the
+// same site as fast as the generator and the gateway go: the flood starts
+// first, runs at full rate before the first genuine delivery is due, and
+// stops when the last genuine answer is in. The genuine latencies count from
+// when each delivery was due, so queueing behind the flood is charged.
+func (s *setup) floodRound(o options, rep *report, round int) error {
+	const ramp = 500 * time.Millisecond
+	url := s.gw.url(s.gw.tmpfs)
+	ds, err := genuine(s.k2048, 600, int(genuineUnderFlood*o.duration.Seconds())+16)
+	if err != nil {
+		return err
+	}
+	bad, err := forged(s.k2048, 1)
+	if err != nil {
+		return err
+	}
+	// bounds: the genuine run, its stragglers (the client's 30 s timeout),
+	// and far more requests than loopback carries in that time
+	maxDur := ramp + o.duration + 35*time.Second
+	maxN := int(maxDur.Seconds()) * 200_000
+	if rep.floodConc == 0 {
+		rep.floodConc = o.floodConc
+		if rep.floodConc <= 0 {
+			rep.floodConc = s.fastestFlood(o, rep, url, bad[0])
+		}
+	}
+	stop := make(chan struct{})
+	flooded := make(chan result, 1)
+	go func() { flooded <- flood(url, bad[0], rep.floodConc, maxN, maxDur, stop, is400) }()
+	time.Sleep(ramp)
+
+	profiled := o.pprofDir != "" && round == 0
+	done := make(chan error, 1)
+	if profiled {
+		file := filepath.Join(o.pprofDir, profileName(underFlood)+".cpu.pprof")
+		secs := max(1, int(o.duration.Seconds())-1)
+		go func() { done <- savePprof(s.gw.admin, "profile?seconds="+strconv.Itoa(secs), file) }()
+	}
+	res := openLoop(url, ds, genuineUnderFlood, o.duration)
+	close(stop)
+	fl := <-flooded
+	if profiled {
+		if err := <-done; err != nil {
+			logf("cpu profile of %s: %v", underFlood, err)
+		}
+	}
+	rep.add(underFlood, res)
+	rep.add(floodBeside, fl)
+	logf("round %d %-28s %8.1f/s  p50 %-8s p99 %-8s max %-8s non-2xx %d errors %d", round+1, underFlood, res.rate(),
+		res.percentile(0.5).Round(10*time.Microsecond), res.percentile(0.99).Round(10*time.Microsecond),
+		res.percentile(1).Round(10*time.Microsecond), res.non2xx, res.errors)
+	logf("round %d %-28s %8.1f/s  (c=%d) non-400 %d errors %d", round+1, floodBeside, fl.rate(), rep.floodConc, fl.non2xx, fl.errors)
+	return nil
+}
+
+// floodProbeConns are the connection counts fastestFlood tries, from two per
+// CPU of this 2-CPU machine up; on it, shared with the generator, the
+// flood's rate flattens somewhere between 16 and 64.
+var floodProbeConns = []int{4, 8, 16, 32, 64}
+
+// floodProbeTime is how long fastestFlood runs each probe.
+func floodProbeTime(o options) time.Duration {
+	if o.quick {
+		return 500 * time.Millisecond
+	}
+	return time.Second
+}
+
+// fastestFlood runs the forged flood alone against url for a second at each
+// of floodProbeConns, twice (in order, then reversed, so that neither end
+// always runs first), and returns the count whose mean rate was highest: the
+// flood the genuine deliveries then run beside is the fastest this
+// generator reaches on this machine, not a guess.
+func (s *setup) fastestFlood(o options, rep *report, url string, bad delivery) int {
+	probe := floodProbeTime(o)
+	const passes = 2
+	rates := make([]float64, len(floodProbeConns))
+	for pass := range passes {
+		for j := range floodProbeConns {
+			if pass%2 == 1 {
+				j = len(floodProbeConns) - 1 - j
+			}
+			c := floodProbeConns[j]
+			res := flood(url, bad, c, int(probe.Seconds()*200_000)+1, probe, nil, is400)
+			rates[j] += res.rate() / passes
+			logf("flood probe %d c=%-3d %8.1f/s  non-400 %d errors %d", pass+1, c, res.rate(), res.non2xx, res.errors)
+		}
+	}
+	best := 0
+	for j, c := range floodProbeConns {
+		rep.floodProbe = append(rep.floodProbe, floodProbe{conns: c, rate: rates[j]})
+		if rates[j] > rates[best] {
+			best = j
+		}
+	}
+	return floodProbeConns[best]
 }
 
 // storageCost times single deliveries (one at a time) through the three
