@@ -7,7 +7,7 @@ import (
 	"net/http"
 	"path"
 	"slices"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -522,20 +522,21 @@ func TestLockStorageStallIsNotSilence(t *testing.T) {
 		t.Fatal(err)
 	}
 	held.heartbeat(there.timing.beatEvery)
-	var stall sync.Mutex // held while the storage is stalled
+	var stalled atomic.Bool
+	stallOver := make(chan struct{})
 	st.hook = func(method, _ string) {
-		if method == "Load" || method == "Store" {
-			stall.Lock()
-			stall.Unlock() //nolint:staticcheck // a barrier: wait for the stall's end
+		if (method == "Load" || method == "Store") && stalled.Load() {
+			<-stallOver
 		}
 	}
 	backend := &testBackend{}
 	done := make(chan served, 1)
 	go func() { done <- deliverEvent(here, id, backend) }()
 	time.Sleep(3 * fastLockTiming.pollEvery) // the copy is watching the lease
-	stall.Lock()
+	stalled.Store(true)
 	time.Sleep(fastLockTiming.staleAfter + time.Second)
-	stall.Unlock()
+	stalled.Store(false)
+	close(stallOver)
 	time.Sleep(fastLockTiming.staleAfter / 2) // less than a stale time after the stall
 	if backend.Calls() != 0 || takeovers(logs) != 0 {
 		t.Errorf("a storage stall was taken for the holder's death (forwards %d, takeovers %d)", backend.Calls(), takeovers(logs))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
@@ -18,11 +19,20 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
-// vectorsDir holds deliveries made by an independent implementation
-// (panva/jose). It sits beside the module root; the suite fails without it.
-const vectorsDir = "../shared/vectors"
+// The delivery vectors: requests made by an independent implementation
+// (panva/jose on Node.js), with the outcome the gateway must give each.
+// vectorsDir is the repository's own set, made by testdata/vectors/make.mjs
+// with test-only keys and secrets; every test that needs a vector key, secret
+// or body reads it. sharedVectorsDir is a second set, made apart from this
+// repository, that the vector tests run as well when it sits beside the
+// module root. Both have the same manifest and file layout.
+const (
+	vectorsDir       = "testdata/vectors"
+	sharedVectorsDir = "../shared/vectors"
+)
 
 type vectorManifest struct {
+	dir        string            // the set's folder; the manifest's paths are relative to it
 	SecretFile string            `json:"secret_file"`
 	Keys       map[string]string `json:"keys"`
 	OtherKeys  []string          `json:"other_key_files"`
@@ -50,29 +60,62 @@ type vectorCase struct {
 	} `json:"config"`
 }
 
+// vectorSetDirs returns the sets the vector tests run, by subtest name: the
+// repository's always, and the shared one when its folder exists (then it
+// must be complete). Its absence is logged, not silent.
+func vectorSetDirs(t testing.TB) map[string]string {
+	t.Helper()
+	sets := map[string]string{"repository": vectorsDir}
+	switch _, err := os.Stat(sharedVectorsDir); {
+	case err == nil:
+		sets["shared"] = sharedVectorsDir
+	case errors.Is(err, fs.ErrNotExist):
+		t.Logf("%s is absent (beside the module root): running the repository's vectors only", sharedVectorsDir)
+	default:
+		t.Fatalf("%s: %v", sharedVectorsDir, err)
+	}
+	return sets
+}
+
+// loadVectors reads the repository's set.
 func loadVectors(t testing.TB) vectorManifest {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(vectorsDir, "cases.json"))
+	return loadVectorSet(t, vectorsDir)
+}
+
+func loadVectorSet(t testing.TB, dir string) vectorManifest {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(dir, "cases.json"))
 	if err != nil {
-		t.Fatalf("the shared test vectors must sit at %s (beside the module root): %v", vectorsDir, err)
+		t.Fatalf("reading the test vectors' manifest: %v", err)
 	}
 	var m vectorManifest
 	if err := json.Unmarshal(data, &m); err != nil {
-		t.Fatalf("parsing cases.json: %v", err)
+		t.Fatalf("parsing %s/cases.json: %v", dir, err)
 	}
 	if len(m.Cases) == 0 {
-		t.Fatal("cases.json has no cases")
+		t.Fatalf("%s/cases.json has no cases", dir)
 	}
+	m.dir = dir
 	return m
 }
 
-func readVectorFile(t testing.TB, name string) []byte {
+// path is a file of the set, by its manifest path.
+func (m vectorManifest) path(name string) string { return filepath.Join(m.dir, name) }
+
+func (m vectorManifest) read(t testing.TB, name string) []byte {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(vectorsDir, name))
+	data, err := os.ReadFile(m.path(name))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return data
+}
+
+// readVectorFile reads a file of the repository's set.
+func readVectorFile(t testing.TB, name string) []byte {
+	t.Helper()
+	return vectorManifest{dir: vectorsDir}.read(t, name)
 }
 
 // vectorHandler provisions a Handler as the manifest describes a case's
@@ -89,10 +132,10 @@ func vectorHandler(t testing.TB, m vectorManifest, c vectorCase, root string) *H
 		now:        func() time.Time { return time.Unix(c.Now, 0) },
 	}
 	for _, f := range secretFiles {
-		h.SigningSecrets = append(h.SigningSecrets, "{file."+filepath.Join(vectorsDir, f)+"}")
+		h.SigningSecrets = append(h.SigningSecrets, "{file."+m.path(f)+"}")
 	}
 	for _, kid := range []string{"k1", "k2"} {
-		h.DecryptionKeys = append(h.DecryptionKeys, KeyFile{KeyID: kid, File: filepath.Join(vectorsDir, m.Keys[kid])})
+		h.DecryptionKeys = append(h.DecryptionKeys, KeyFile{KeyID: kid, File: m.path(m.Keys[kid])})
 	}
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
@@ -129,8 +172,8 @@ func serveVector(t testing.TB, h *Handler, req *http.Request) (int, *forwarded, 
 	return 0, nil, nil
 }
 
-func vectorRequest(t testing.TB, c vectorCase) *http.Request {
-	body := readVectorFile(t, c.Request.BodyFile)
+func vectorRequest(t testing.TB, m vectorManifest, c vectorCase) *http.Request {
+	body := m.read(t, c.Request.BodyFile)
 	req := httptest.NewRequest(c.Request.Method, "/kayle", bytes.NewReader(body))
 	for k, v := range c.Request.Headers {
 		req.Header.Set(k, v)
@@ -138,50 +181,56 @@ func vectorRequest(t testing.TB, c vectorCase) *http.Request {
 	return req
 }
 
-// TestVectors runs every case of the shared vectors through the handler.
+// TestVectors runs every case of each vector set through the handler.
 func TestVectors(t *testing.T) {
-	m := loadVectors(t)
-	for _, c := range m.Cases {
-		t.Run(c.Name, func(t *testing.T) {
-			root := t.TempDir()
-			h := vectorHandler(t, m, c, root)
-			status, seen, repl := serveVector(t, h, vectorRequest(t, c))
-
-			switch c.Expect.Outcome {
-			case "forward":
-				if seen == nil {
-					t.Fatalf("not forwarded: status %d", status)
-				}
-				assertForwarded(t, c, seen, repl)
-				if status != http.StatusNoContent {
-					t.Errorf("client got %d, want the backend's 204", status)
-				}
-			case "reject":
-				if seen != nil {
-					t.Fatalf("forwarded a delivery that must be rejected (status %d)", status)
-				}
-				if status >= 200 && status < 300 {
-					t.Fatalf("status %d, want non-2xx", status)
-				}
-				if c.Expect.Status != nil && status != *c.Expect.Status {
-					t.Fatalf("status %d, want %d", status, *c.Expect.Status)
-				}
-			case "forward_or_reject":
-				if seen != nil {
-					assertForwarded(t, c, seen, repl)
-				}
-				assertOnlyUnderPrefix(t, root, defaultDedupePrefix)
-			default:
-				t.Fatalf("unknown outcome %q", c.Expect.Outcome)
+	for set, dir := range vectorSetDirs(t) {
+		t.Run(set, func(t *testing.T) {
+			m := loadVectorSet(t, dir)
+			for _, c := range m.Cases {
+				t.Run(c.Name, func(t *testing.T) { runVectorCase(t, m, c) })
 			}
 		})
 	}
 }
 
-func assertForwarded(t *testing.T, c vectorCase, seen *forwarded, repl *caddy.Replacer) {
+func runVectorCase(t *testing.T, m vectorManifest, c vectorCase) {
+	root := t.TempDir()
+	h := vectorHandler(t, m, c, root)
+	status, seen, repl := serveVector(t, h, vectorRequest(t, m, c))
+
+	switch c.Expect.Outcome {
+	case "forward":
+		if seen == nil {
+			t.Fatalf("not forwarded: status %d", status)
+		}
+		assertForwarded(t, m, c, seen, repl)
+		if status != http.StatusNoContent {
+			t.Errorf("client got %d, want the backend's 204", status)
+		}
+	case "reject":
+		if seen != nil {
+			t.Fatalf("forwarded a delivery that must be rejected (status %d)", status)
+		}
+		if status >= 200 && status < 300 {
+			t.Fatalf("status %d, want non-2xx", status)
+		}
+		if c.Expect.Status != nil && status != *c.Expect.Status {
+			t.Fatalf("status %d, want %d", status, *c.Expect.Status)
+		}
+	case "forward_or_reject":
+		if seen != nil {
+			assertForwarded(t, m, c, seen, repl)
+		}
+		assertOnlyUnderPrefix(t, root, defaultDedupePrefix)
+	default:
+		t.Fatalf("unknown outcome %q", c.Expect.Outcome)
+	}
+}
+
+func assertForwarded(t *testing.T, m vectorManifest, c vectorCase, seen *forwarded, repl *caddy.Replacer) {
 	t.Helper()
 	if c.Expect.PlaintextFile != "" {
-		want := readVectorFile(t, c.Expect.PlaintextFile)
+		want := m.read(t, c.Expect.PlaintextFile)
 		if !bytes.Equal(seen.Body, want) {
 			t.Errorf("forwarded body differs from %s (%d bytes, want %d)", c.Expect.PlaintextFile, len(seen.Body), len(want))
 		}
@@ -214,8 +263,25 @@ func assertForwarded(t *testing.T, c vectorCase, seen *forwarded, repl *caddy.Re
 		}
 	}
 	// the kid in the JWE header, or for a JWE without one, a key we hold
-	if kid := seen.Header.Get(HeaderKeyID); kid != "k1" && kid != "k2" {
-		t.Errorf("%s: %q", HeaderKeyID, kid)
+	if kids := seen.Header.Values(HeaderKeyID); len(kids) != 1 || kids[0] != "k1" && kids[0] != "k2" {
+		t.Errorf("%s: %q", HeaderKeyID, kids)
+	}
+	// and no other gateway header of the request, in any spelling (case, '_'
+	// for '-'), reached the backend: those the gateway sets are checked
+	// above, or replaced by it; the others must be gone. Folded here, not by
+	// the gateway's code.
+	setByGateway := map[string]bool{
+		HeaderEventID: true, HeaderEventType: true, HeaderEvent: true, HeaderSessionID: true, HeaderContractVersion: true,
+		HeaderKeyID: true, HeaderSignatureTimestamp: true, HeaderVerified: true, HeaderDeliveryID: true,
+	}
+	for name := range c.Request.Headers {
+		canonical := http.CanonicalHeaderKey(name)
+		if setByGateway[canonical] || !strings.HasPrefix(strings.ToLower(strings.ReplaceAll(name, "_", "-")), "x-kayle-") {
+			continue
+		}
+		if got := seen.Header.Values(canonical); len(got) != 0 {
+			t.Errorf("the request's %s reached the backend: %q", name, got)
+		}
 	}
 	if ph, _ := repl.GetString("http.kayle.event_id"); ph != c.Expect.EventID {
 		t.Errorf("{http.kayle.event_id} = %q, want %q", ph, c.Expect.EventID)
@@ -246,10 +312,15 @@ func assertOnlyUnderPrefix(t *testing.T, root, prefix string) {
 	}
 }
 
-// TestVectorsOtherKeyFormats decrypts the k1 and k2 cases with the keys
-// loaded from every other file format the vectors ship.
+// TestVectorsOtherKeyFormats decrypts the k1 and k2 cases of each vector set
+// with the keys loaded from every other file format the sets ship.
 func TestVectorsOtherKeyFormats(t *testing.T) {
-	m := loadVectors(t)
+	for set, dir := range vectorSetDirs(t) {
+		t.Run(set, func(t *testing.T) { testVectorsOtherKeyFormats(t, loadVectorSet(t, dir)) })
+	}
+}
+
+func testVectorsOtherKeyFormats(t *testing.T, m vectorManifest) {
 	byName := map[string]vectorCase{}
 	for _, c := range m.Cases {
 		byName[c.Name] = c
@@ -257,21 +328,24 @@ func TestVectorsOtherKeyFormats(t *testing.T) {
 	configs := map[string]func(h *Handler){
 		"pkcs1+jwk": func(h *Handler) {
 			h.DecryptionKeys = []KeyFile{
-				{KeyID: "k1", File: filepath.Join(vectorsDir, "keys/k1.pkcs1.pem")},
-				{KeyID: "k2", File: filepath.Join(vectorsDir, "keys/k2.private.jwk.json")},
+				{KeyID: "k1", File: m.path("keys/k1.pkcs1.pem")},
+				{KeyID: "k2", File: m.path("keys/k2.private.jwk.json")},
 			}
 		},
 		"jwks": func(h *Handler) {
 			h.DecryptionKeys = nil
-			h.DecryptionJWKS = []string{filepath.Join(vectorsDir, "keys/private.jwks.json")}
+			h.DecryptionJWKS = []string{m.path("keys/private.jwks.json")}
 		},
 	}
 	for name, configure := range configs {
 		for _, caseName := range []string{"succeeded-a256gcm-k1", "cancelled-a192gcm-k2", "no-kid"} {
 			t.Run(name+"/"+caseName, func(t *testing.T) {
-				c := byName[caseName]
+				c, ok := byName[caseName]
+				if !ok {
+					t.Fatalf("%s/cases.json has no case %q", m.dir, caseName)
+				}
 				h := &Handler{
-					SigningSecrets: []string{"{file." + filepath.Join(vectorsDir, m.SecretFile) + "}"},
+					SigningSecrets: []string{"{file." + m.path(m.SecretFile) + "}"},
 					DedupeDisabled: true,
 					now:            func() time.Time { return time.Unix(c.Now, 0) },
 				}
@@ -281,11 +355,11 @@ func TestVectorsOtherKeyFormats(t *testing.T) {
 				if err := h.Provision(ctx); err != nil {
 					t.Fatal(err)
 				}
-				status, seen, repl := serveVector(t, h, vectorRequest(t, c))
+				status, seen, repl := serveVector(t, h, vectorRequest(t, m, c))
 				if seen == nil {
 					t.Fatalf("not forwarded: %d", status)
 				}
-				assertForwarded(t, c, seen, repl)
+				assertForwarded(t, m, c, seen, repl)
 			})
 		}
 	}

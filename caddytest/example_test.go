@@ -144,15 +144,16 @@ func (e *example) demoWarnings() []map[string]any {
 	return warns
 }
 
-// ownMaterial is a secret and key that are not the demo's (the shared test
-// vectors), as a real deployment's variables would name them.
+// ownMaterial is a secret and key that are not the demo's (the repository's
+// test vectors, testdata/vectors), as a real deployment's variables would
+// name them.
 func ownMaterial(t *testing.T) (secretFile, keyFile string) {
 	t.Helper()
-	secretFile, err := filepath.Abs("../../shared/vectors/secret.txt")
+	secretFile, err := filepath.Abs("../testdata/vectors/secret.txt")
 	if err != nil {
 		t.Fatal(err)
 	}
-	keyFile, err = filepath.Abs("../../shared/vectors/keys/k1.pkcs8.pem")
+	keyFile, err = filepath.Abs("../testdata/vectors/keys/k1.pkcs8.pem")
 	if err != nil {
 		t.Fatal(err)
 	}
