@@ -1,0 +1,361 @@
+package storagetest
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+
+	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/storagetest/servers"
+)
+
+// gatewayProc is one gateway instance: the built Caddy running a Caddyfile
+// with the row's global storage, kayle_webhook with the demo material, and
+// reverse_proxy to the test's backend.
+type gatewayProc struct {
+	name      string
+	bin       string
+	dir       string
+	config    string // the Caddyfile's path
+	adminAddr string
+	url       string
+	env       []string
+	cmd       *exec.Cmd
+	out       *syncBuffer
+	exited    chan struct{}
+	waitErr   error // set before exited is closed
+}
+
+func gatewayCaddyfile(adminAddr string, port int, storage, backend string) string {
+	return fmt.Sprintf(`{
+	admin %s
+	persist_config off
+	storage %s
+}
+
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	kayle_webhook {
+		signing_secret "{file.%s}"
+		decryption_key %s %q
+	}
+	reverse_proxy %s
+}
+`, adminAddr, storage, port, demo.secretPath, demoKID, demo.keyPath, backend)
+}
+
+// startGateway runs one gateway (see waitReady). It is killed
+// when the test ends, and its output logged if the test failed.
+func startGateway(t *testing.T, bin, name, storage, backend string) *gatewayProc {
+	t.Helper()
+	dir := t.TempDir()
+	port := servers.FreePort(t)
+	g := &gatewayProc{
+		name:      name,
+		bin:       bin,
+		dir:       dir,
+		config:    filepath.Join(dir, "Caddyfile"),
+		adminAddr: fmt.Sprintf("127.0.0.1:%d", servers.FreePort(t)),
+		url:       fmt.Sprintf("http://127.0.0.1:%d/kayle/webhook", port),
+		// Caddy's own data and config folders, never the user's
+		env: append(os.Environ(),
+			"XDG_DATA_HOME="+filepath.Join(dir, "data"),
+			"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
+		),
+		out:    new(syncBuffer),
+		exited: make(chan struct{}),
+	}
+	if err := os.WriteFile(g.config, []byte(gatewayCaddyfile(g.adminAddr, port, storage, backend)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g.cmd = exec.Command(bin, "run", "--config", g.config)
+	g.cmd.Dir = dir
+	g.cmd.Env = g.env
+	g.cmd.Stdout, g.cmd.Stderr = g.out, g.out
+	if err := g.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		g.waitErr = g.cmd.Wait()
+		close(g.exited)
+	}()
+	t.Cleanup(func() {
+		_ = g.cmd.Process.Kill()
+		<-g.exited
+		if t.Failed() {
+			t.Logf("----- output of gateway %s (%v) -----\n%s", g.name, g.waitErr, g.out.String())
+		}
+	})
+	return g
+}
+
+// waitReady polls until the kayle_webhook route answers (405 to a GET),
+// for at most a minute.
+func (g *gatewayProc) waitReady(t *testing.T) {
+	t.Helper()
+	client := &http.Client{Timeout: time.Second}
+	defer client.CloseIdleConnections()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		select {
+		case <-g.exited:
+			t.Fatalf("gateway %s exited before it was ready: %v\n%s", g.name, g.waitErr, g.out.String())
+		default:
+		}
+		resp, err := client.Get(g.url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusMethodNotAllowed {
+				return
+			}
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("gateway %s not ready after a minute (last: %v)", g.name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// command runs a caddy subcommand as an operator on the gateway's machine
+// would (same environment), bounded by limit.
+func (g *gatewayProc) command(limit time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, g.bin, args...)
+	cmd.Dir = g.dir
+	cmd.Env = g.env
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("still running after %s: %w", limit, err)
+	}
+	return string(out), err
+}
+
+// event is one Kayle event: its id and the plaintext Kayle encrypts.
+type event struct {
+	id      string
+	payload []byte
+}
+
+const eventType = "verification.session.succeeded"
+
+func newEvent(t testing.TB) event {
+	t.Helper()
+	id := "evt_" + randomHex(t, 12)
+	payload, err := json.Marshal(map[string]any{
+		"type": eventType,
+		"metadata": map[string]any{
+			"contract_version":        1,
+			"event_id":                id,
+			"verification_session_id": "vs_" + randomHex(t, 12),
+		},
+		"data": map[string]any{
+			"claims":              map[string]any{"age_over_18": true},
+			"selected_field_keys": []string{"age_over_18"},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return event{id: id, payload: payload}
+}
+
+func randomHex(t testing.TB, n int) string {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// delivery is a genuine delivery of ev to url, as Kayle makes each attempt:
+// freshly encrypted to the demo key, signed now.
+func delivery(t testing.TB, url string, ev event) *http.Request {
+	t.Helper()
+	body, err := kaylewebhook.EncryptDelivery(ev.payload, demo.pub, demoKID, jose.A256GCM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/jose")
+	req.Header.Set(kaylewebhook.SignatureHeader, kaylewebhook.SignatureHeaderValue(demo.secret, time.Now(), body))
+	req.Header.Set(kaylewebhook.HeaderDeliveryID, "whd_"+randomHex(t, 8))
+	req.Header.Set(kaylewebhook.HeaderEvent, eventType)
+	return req
+}
+
+// answer is what a delivery got back.
+type answer struct {
+	status    int
+	duplicate bool
+	body      string
+	err       error
+	took      time.Duration
+}
+
+func (a answer) String() string {
+	switch {
+	case a.err != nil:
+		return fmt.Sprintf("no answer after %s (%v)", a.took.Round(time.Millisecond), a.err)
+	case a.duplicate:
+		return fmt.Sprintf("%d duplicate after %s", a.status, a.took.Round(time.Millisecond))
+	default:
+		return fmt.Sprintf("%d after %s: %q", a.status, a.took.Round(time.Millisecond), truncate(a.body))
+	}
+}
+
+// forwarded: the backend's 2xx, not the gateway's duplicate acknowledgement.
+func (a answer) forwarded() bool { return a.err == nil && a.status/100 == 2 && !a.duplicate }
+
+func (a answer) isDuplicate() bool { return a.err == nil && a.status == http.StatusOK && a.duplicate }
+
+func truncate(s string) string {
+	if len(s) > 200 {
+		return s[:200] + "…"
+	}
+	return s
+}
+
+// kayle sends deliveries with the patience the brief gives a retry: it
+// waits up to a minute for each answer.
+func newKayle(t *testing.T) *http.Client {
+	c := &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+	t.Cleanup(c.CloseIdleConnections)
+	return c
+}
+
+func send(c *http.Client, req *http.Request) answer {
+	began := time.Now()
+	resp, err := c.Do(req)
+	if err != nil {
+		return answer{err: err, took: time.Since(began)}
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return answer{
+		status:    resp.StatusCode,
+		duplicate: resp.Header.Get(kaylewebhook.HeaderDuplicate) == "true",
+		body:      string(body),
+		err:       err,
+		took:      time.Since(began),
+	}
+}
+
+// sendAsync sends req on its own goroutine; the channel gets the answer.
+func sendAsync(c *http.Client, req *http.Request) <-chan answer {
+	ch := make(chan answer, 1)
+	go func() { ch <- send(c, req) }()
+	return ch
+}
+
+// await waits for an answer sent with sendAsync, at most limit.
+func await(t *testing.T, what string, ch <-chan answer, limit time.Duration) answer {
+	t.Helper()
+	select {
+	case a := <-ch:
+		return a
+	case <-time.After(limit):
+		t.Fatalf("%s: no answer within %s", what, limit)
+		return answer{}
+	}
+}
+
+// backend is the user's application: it counts what it receives per event
+// id and answers through respond (200 at once by default).
+type backend struct {
+	srv  *httptest.Server
+	done chan struct{} // closed at the end of the test: hung answers return
+
+	mu      sync.Mutex
+	byEvent map[string]int
+	// respond answers the n-th request (from 1) with this event id
+	respond responder
+}
+
+// responder answers the n-th request (from 1) the backend got with r's
+// event id.
+type responder func(be *backend, w http.ResponseWriter, r *http.Request, n int)
+
+func newBackend(t *testing.T, respond responder) *backend {
+	t.Helper()
+	be := &backend{byEvent: make(map[string]int), respond: respond, done: make(chan struct{})}
+	be.srv = httptest.NewServer(http.HandlerFunc(be.serveHTTP))
+	t.Cleanup(func() {
+		close(be.done)
+		be.srv.Close()
+	})
+	return be
+}
+
+func (be *backend) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if _, err := io.Copy(io.Discard, r.Body); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	id := r.Header.Get(kaylewebhook.HeaderEventID)
+	be.mu.Lock()
+	be.byEvent[id]++
+	n := be.byEvent[id]
+	be.mu.Unlock()
+	if be.respond != nil {
+		be.respond(be, w, r, n)
+		return
+	}
+	ok(w)
+}
+
+func ok(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = io.WriteString(w, `{"received":true}`)
+}
+
+// hold keeps a request for d, or until the gateway gives up on it or the
+// test ends; it reports whether it held for the whole of d.
+func (be *backend) hold(r *http.Request, d time.Duration) bool {
+	select {
+	case <-time.After(d):
+		return true
+	case <-r.Context().Done():
+	case <-be.done:
+	}
+	return false
+}
+
+func (be *backend) hostPort() string { return strings.TrimPrefix(be.srv.URL, "http://") }
+
+func (be *backend) count(eventID string) int {
+	be.mu.Lock()
+	defer be.mu.Unlock()
+	return be.byEvent[eventID]
+}
+
+func (be *backend) total() int {
+	be.mu.Lock()
+	defer be.mu.Unlock()
+	n := 0
+	for _, c := range be.byEvent {
+		n += c
+	}
+	return n
+}
