@@ -6,6 +6,7 @@ package kaylewebhook
 // fallback never guards a real endpoint unnoticed.
 
 import (
+	"bytes"
 	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/hex"
@@ -21,11 +22,12 @@ import (
 )
 
 // Fingerprints of testdata/demo (demo_test.go checks them against the
-// files): SHA-256 of the signing secret as the handler reads it, and of the
-// demo key's RSA modulus. Fingerprints rather than the files themselves, so
-// no build of the plugin carries a private key.
+// files): SHA-256 of the key HMAC-SHA256 really uses for the signing secret
+// (see hmacKeyFingerprint), and of the demo key's RSA modulus.
+// Fingerprints rather than the files themselves, so no build of the plugin
+// carries a private key.
 const (
-	demoSecretSHA256  = "3ee353683dc308ed24c1f9bdd1234b41821ed0b7bbc41df15d6e4a1213fd5235"
+	demoSecretHMACKey = "9eb4745beb8b280f9ea195b6f17d0893ff3196b588082d528744c068532618bb"
 	demoModulusSHA256 = "f6b839453be4bb6847d3bead4e5cc247eaf58a06d84e70940ca49059e4043edc"
 	// demoMaterialKID is the kid the demo key is sent under.
 	demoMaterialKID = "demo"
@@ -36,9 +38,28 @@ const (
 	demoVariables = "Caddyfile.example: KAYLE_SIGNING_SECRET_FILE, KAYLE_KEY_ID, KAYLE_KEY_FILE"
 )
 
+// isDemoSecret reports whether secret signs as the demo secret, or would
+// once stripped of surrounding white space (a careless copy of it).
 func isDemoSecret(secret []byte) bool {
-	sum := sha256.Sum256([]byte(strings.TrimSpace(string(secret))))
-	return hex.EncodeToString(sum[:]) == demoSecretSHA256
+	return hmacKeyFingerprint(secret) == demoSecretHMACKey ||
+		hmacKeyFingerprint(bytes.TrimSpace(secret)) == demoSecretHMACKey
+}
+
+// hmacKeyFingerprint is the hex SHA-256 of the key block HMAC-SHA256 makes
+// of secret: the secret itself, or its SHA-256 when it is longer than a
+// block, padded with zero bytes to the block. Two secrets with one
+// fingerprint sign every message alike (the demo secret and the demo secret
+// plus a NUL, say), so recognizing a secret by it cannot be evaded.
+func hmacKeyFingerprint(secret []byte) string {
+	var block [sha256.BlockSize]byte
+	if len(secret) > sha256.BlockSize {
+		sum := sha256.Sum256(secret)
+		copy(block[:], sum[:])
+	} else {
+		copy(block[:], secret)
+	}
+	sum := sha256.Sum256(block[:])
+	return hex.EncodeToString(sum[:])
 }
 
 // isDemoKey reports whether pub is the public half of the demo key.

@@ -1,7 +1,9 @@
 package kaylewebhook
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"strings"
@@ -30,7 +32,7 @@ func TestDemoFingerprintsMatchTestdata(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !isDemoSecret(raw) || !isDemoSecret([]byte(demoSecret(t))) {
-		t.Error("the secret in testdata/demo is not recognized: update demoSecretSHA256")
+		t.Error("the secret in testdata/demo is not recognized: update demoSecretHMACKey")
 	}
 
 	other, _, err := loadPrivateKeyFile(filepath.Join(vectorsDir, "keys/k1.pkcs8.pem"))
@@ -246,5 +248,58 @@ func TestUnsetVariableInCaddyfile(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "empty") || !strings.Contains(err.Error(), "environment variable ({$VAR})") {
 			t.Errorf("%s: got %v, want an error naming an empty value and an unset variable", name, err)
 		}
+	}
+}
+
+// TestDemoSecretIsRecognizedAsHMACUsesIt: the demo secret is recognized by
+// the key HMAC-SHA256 makes of it, so a secret that signs exactly as the
+// demo secret (the demo secret plus NULs, which HMAC's zero padding erases)
+// is the demo secret to the demo check too, should it ever get past the
+// refusal of control bytes (h.secrets set here directly, as a command or a
+// later change might). A secret that signs otherwise is not.
+func TestDemoSecretIsRecognizedAsHMACUsesIt(t *testing.T) {
+	demo := demoSecret(t)
+	mac := func(secret string) []byte { return signatureMAC([]byte(secret), "1780000000", []byte("body")) }
+	ownKey := ownKeyFile(t)
+	for name, secret := range map[string]string{
+		"one NUL":           demo + "\x00",
+		"NULs to the block": demo + strings.Repeat("\x00", sha256.BlockSize-len(demo)),
+	} {
+		if !bytes.Equal(mac(secret), mac(demo)) {
+			t.Fatalf("%s: the test's premise: it signs as the demo secret", name)
+		}
+		if !isDemoSecret([]byte(secret)) {
+			t.Errorf("%s: not recognized as the demo secret", name)
+		}
+		h := &Handler{DecryptionKeys: []KeyFile{{KeyID: "k1", File: ownKey}}}
+		if err := h.provisionKeys(caddy.NewReplacer()); err != nil {
+			t.Fatal(err)
+		}
+		h.secrets = [][]byte{[]byte("whsec_own_secret_0123456789abcdef0123"), []byte(secret)}
+		h.setLogger(zap.NewNop())
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.WithValue(context.Background(), caddyhttp.ServerCtxKey, &caddyhttp.Server{Listen: []string{":8443"}})})
+		err := h.checkDemoMaterial(ctx)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "(signing secret #2) and material of your own") {
+			t.Errorf("%s beside material of one's own on a public listener: %v, want the mix refused", name, err)
+		}
+	}
+	for name, secret := range map[string]string{
+		"one NUL past the block": demo + strings.Repeat("\x00", sha256.BlockSize-len(demo)+1), // hashed: another key
+		"a 0x01 after it":        demo + "\x01",
+		"a byte short":           demo[:len(demo)-1],
+	} {
+		if bytes.Equal(mac(secret), mac(demo)) {
+			t.Fatalf("%s: the test's premise: it signs otherwise", name)
+		}
+		if isDemoSecret([]byte(secret)) {
+			t.Errorf("%s: taken for the demo secret", name)
+		}
+	}
+	// a secret longer than the block is keyed by its SHA-256: the two sign alike
+	long := []byte(strings.Repeat("whsec_long_", 8))
+	hashed := sha256.Sum256(long)
+	if !bytes.Equal(signatureMAC(long, "1", nil), signatureMAC(hashed[:], "1", nil)) || hmacKeyFingerprint(long) != hmacKeyFingerprint(hashed[:]) {
+		t.Error("a long secret and its SHA-256 sign alike but have two fingerprints")
 	}
 }

@@ -2,6 +2,8 @@ package kaylewebhook
 
 import (
 	"errors"
+	"unicode"
+	"unicode/utf8"
 )
 
 // maxJSONDepth matches encoding/json's nesting limit.
@@ -9,34 +11,55 @@ const maxJSONDepth = 10000
 
 var errInvalidJSON = errors.New("invalid JSON")
 
+// member is what scanJSON found of one of the names asked for.
+type member struct {
+	// value is the raw value of the member with exactly that name (after
+	// unescaping), the last one where the name repeats; nil when absent.
+	value []byte
+	// ambiguous: another member's name is the same name to a decoder that
+	// matches names case-insensitively (see foldEqual), or the name repeats.
+	// A backend decoding into a struct could then read another value than
+	// value.
+	ambiguous bool
+}
+
 // scanJSON validates data as exactly one JSON value, accepting what
-// encoding/json's Valid accepts, and returns the raw values of the named
-// members of the top-level object (nil where absent, the last one where a
-// name repeats; names compare exactly, after unescaping).
+// encoding/json's Valid accepts, and sets found[i] to what it found of the
+// member names[i] of the top-level object (names compare exactly, after
+// unescaping; the last one wins where a name repeats, as in encoding/json;
+// see member for the ambiguity it reports). found is the caller's, so it
+// can live on the caller's stack.
 //
 // It exists for speed: a payload carrying a face image is hundreds of KB of
 // one string, which encoding/json walks a state function per byte, twice
 // (validate, then decode). Here string contents are a tight loop, and the
 // document is walked once; only the small members asked for are decoded.
-func scanJSON(data []byte, names ...string) ([][]byte, error) {
-	s := jsonScanner{data: data, names: names, found: make([][]byte, len(names))}
-	s.skipSpace()
-	if err := s.value(); err != nil {
-		return nil, err
+func scanJSON(data []byte, names []string, found []member) error {
+	if len(names) > maxScanNames || len(found) < len(names) {
+		panic("scanJSON: more names than it holds, or than found holds")
 	}
+	s := jsonScanner{data: data, names: names}
 	s.skipSpace()
-	if s.pos != len(s.data) {
-		return nil, errInvalidJSON
+	err := s.value()
+	s.skipSpace()
+	if err == nil && s.pos != len(s.data) {
+		err = errInvalidJSON
 	}
-	return s.found, nil
+	copy(found, s.found[:len(names)])
+	return err
 }
+
+// maxScanNames is how many names scanJSON looks for at most: what it finds
+// is kept in the scanner, which stays on the stack (a slice of the caller's
+// would escape through the scanner's recursion).
+const maxScanNames = 4
 
 type jsonScanner struct {
 	data  []byte
 	pos   int
 	depth int
 	names []string
-	found [][]byte
+	found [maxScanNames]member
 }
 
 func (s *jsonScanner) skipSpace() {
@@ -142,7 +165,8 @@ func (s *jsonScanner) object() error {
 	}
 }
 
-// record keeps value if the quoted key is one of the names asked for.
+// record keeps value if the quoted key is one of the names asked for, and
+// notes a name made ambiguous by this key.
 func (s *jsonScanner) record(quotedKey, value []byte) {
 	if len(s.names) == 0 {
 		return
@@ -159,9 +183,69 @@ func (s *jsonScanner) record(quotedKey, value []byte) {
 		}
 	}
 	for i, name := range s.names {
-		if string(key) == name {
-			s.found[i] = value
+		exact := string(key) == name
+		if !exact && !foldEqual(key, name) {
+			continue
 		}
+		m := &s.found[i]
+		seen := m.value != nil || m.ambiguous // a key folding to name came before
+		m.ambiguous = m.ambiguous || seen || !exact
+		if exact {
+			m.value = value
+		}
+	}
+}
+
+// foldEqual reports whether a decoder that matches member names to struct
+// fields case-insensitively takes key for name (lower-case ASCII):
+// encoding/json folds case as bytes.EqualFold does (Unicode simple folding,
+// so U+017F 'ſ' is an 's' and U+212A KELVIN SIGN a 'k'), and
+// encoding/json/v2's case-insensitive matching also ignores '_' and '-'.
+// It is true for both, so "EVENT_ID", "eventId" and "event-id" are all
+// event_id.
+func foldEqual(key []byte, name string) bool {
+	j := 0
+	for i := 0; i < len(key); {
+		r := rune(key[i])
+		if r < utf8.RuneSelf {
+			i++
+			if r == '_' || r == '-' {
+				continue
+			}
+		} else {
+			var n int
+			r, n = utf8.DecodeRune(key[i:])
+			i += n
+		}
+		for j < len(name) && (name[j] == '_' || name[j] == '-') {
+			j++
+		}
+		if j == len(name) || foldRune(r) != foldRune(rune(name[j])) {
+			return false
+		}
+		j++
+	}
+	for j < len(name) && (name[j] == '_' || name[j] == '-') {
+		j++
+	}
+	return j == len(name)
+}
+
+// foldRune returns the same rune for every rune of one case-folding orbit
+// (the smallest, as encoding/json does).
+func foldRune(r rune) rune {
+	if r < utf8.RuneSelf {
+		if 'a' <= r && r <= 'z' {
+			r -= 'a' - 'A'
+		}
+		return r
+	}
+	for {
+		r2 := unicode.SimpleFold(r)
+		if r2 <= r {
+			return r2
+		}
+		r = r2
 	}
 }
 

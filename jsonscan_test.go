@@ -13,6 +13,8 @@ var jsonSeeds = []string{
 	`{}`, `[]`, `""`, `0`, `-0`, `1.5e+10`, `-1.0E-2`, `true`, `false`, `null`,
 	` {"a" : [1, 2, {"b": null}] } `, `{"type":"x","metadata":{"event_id":"e"}}`,
 	`{"type":"a","type":"b"}`, `{"typ\u0065":"escaped key"}`, `{"TYPE":"case"}`,
+	`{"type":"a","TYPE":"b"}`, `{"Metadata":{},"metadata":{}}`, `{"type":"a","\u0054ype":"b"}`,
+	"{\"type\":\"a\",\"\u017fype\":\"b\"}", `{"ty_pe":"a","type":"b"}`, `{"data":{"TYPE":"nested"},"type":"a"}`,
 	`"\u00e9\n\t\"\\\/"`, "\"\xff\xfe invalid utf-8\"", `"\ud800"`,
 	// invalid
 	``, ` `, `{`, `}`, `{"a"}`, `{"a":}`, `{"a":1,}`, `[1,]`, `[1 2]`, `{a:1}`, `'a'`,
@@ -43,10 +45,13 @@ func TestScanJSONMatchesEncodingJSON(t *testing.T) {
 
 // checkScanJSON compares scanJSON with encoding/json: the same verdict on
 // validity, and for an object the same raw value of "type" and "metadata"
-// (encoding/json's map decoding also compares keys exactly, last one wins).
+// (encoding/json's map decoding also compares keys exactly, last one wins),
+// which is also what a struct decoding reads (case-insensitively) unless
+// scanJSON calls the name ambiguous.
 func checkScanJSON(t *testing.T, data []byte) {
 	t.Helper()
-	found, err := scanJSON(data, "type", "metadata")
+	found := make([]member, 2)
+	err := scanJSON(data, []string{"type", "metadata"}, found)
 	if valid := json.Valid(data); valid != (err == nil) {
 		t.Fatalf("%q: encoding/json says valid=%v, scanJSON says %v", data, valid, err)
 	}
@@ -55,14 +60,26 @@ func checkScanJSON(t *testing.T, data []byte) {
 	}
 	var members map[string]json.RawMessage
 	if json.Unmarshal(data, &members) != nil {
-		if found[0] != nil || found[1] != nil {
+		if found[0].value != nil || found[1].value != nil {
 			t.Fatalf("%q: members found in a non-object", data)
 		}
 		return
 	}
 	for i, name := range []string{"type", "metadata"} {
-		if want := members[name]; !bytes.Equal(found[i], want) {
-			t.Fatalf("%q: member %s = %q, encoding/json has %q", data, name, found[i], want)
+		if want := members[name]; !bytes.Equal(found[i].value, want) {
+			t.Fatalf("%q: member %s = %q, encoding/json has %q", data, name, found[i].value, want)
+		}
+	}
+	var st struct {
+		Type     json.RawMessage `json:"type"`
+		Metadata json.RawMessage `json:"metadata"`
+	}
+	if err := json.Unmarshal(data, &st); err != nil {
+		t.Fatalf("%q: a struct decoding fails: %v", data, err)
+	}
+	for i, got := range []json.RawMessage{st.Type, st.Metadata} {
+		if !found[i].ambiguous && !bytes.Equal(found[i].value, got) {
+			t.Fatalf("%q: member %d = %q, not ambiguous, but a struct decoding reads %q", data, i, found[i].value, got)
 		}
 	}
 }

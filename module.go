@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -41,6 +42,8 @@ const (
 	minDedupeWindow     = 8 * 24 * time.Hour
 	defaultDedupePrefix = "kayle_webhook/events"
 	minSecretLen        = 16
+	// maxMaxBodySize is the largest max_body_size: a body is held in memory.
+	maxMaxBodySize = 1 << 30
 	// rejectLogBurst is how many refusals a second are logged.
 	rejectLogBurst = 20
 	// initialBodyBuffer caps what a declared Content-Length preallocates.
@@ -65,7 +68,8 @@ type Handler struct {
 	// accepted, so list the old and the new one during a rotation. Each may be
 	// or contain a placeholder such as {env.KAYLE_SIGNING_SECRET} or
 	// {file./run/secrets/kayle}, resolved once at provisioning; a secret that
-	// resolves to fewer than 16 bytes is refused. Required.
+	// resolves to fewer than 16 bytes, or holds a control byte (a NUL, a line
+	// break), is refused. Required.
 	SigningSecrets []string `json:"signing_secrets,omitempty"`
 
 	// Private keys by kid, each read from a PEM (PKCS#8 or PKCS#1) or JWK
@@ -75,14 +79,16 @@ type Handler struct {
 
 	// Files holding a JWKS of RSA private keys, each with its kid. Together
 	// with decryption_keys at least one key is required; no kid may repeat.
+	// (The Caddyfile's decryption_jwks; its old name there, decryption_keys
+	// with one argument, still works and logs a WARN.)
 	DecryptionJWKS []string `json:"decryption_jwks,omitempty"`
 
 	// How far the signature's t may be from this machine's clock, in either
 	// direction. Default: 5m.
 	Tolerance caddy.Duration `json:"tolerance,omitempty"`
 
-	// The largest body accepted, in bytes; a larger one gets 413 and is not
-	// read further. Default: 4 MiB.
+	// The largest body accepted, in bytes, from 1 to 1 GiB; a larger one
+	// gets 413 and is not read further. Default: 4 MiB.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
 	// Forward every verified copy, remembering nothing: for backends that are
@@ -148,6 +154,11 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision resolves secrets, loads the keys and opens the dedupe storage.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.setLogger(ctx.Logger())
+	// Caddy validates after provisioning; a value that can never work is
+	// refused before any file is read or the storage is opened and probed.
+	if err := h.Validate(); err != nil {
+		return err
+	}
 	if h.now == nil {
 		h.now = time.Now
 	}
@@ -175,7 +186,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if err := h.provisionEvents(); err != nil {
-		return err
+		return fmt.Errorf("%v (JSON events)", err)
 	}
 	kids := make([]string, len(h.keys.keys))
 	for i, k := range h.keys.keys {
@@ -197,18 +208,24 @@ func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
 	h.secrets = h.secrets[:0]
 	for i, raw := range h.SigningSecrets {
 		secret, err := repl.ReplaceOrErr(raw, true, true)
+		name := fmt.Sprintf("signing secret #%d (signing_secret, JSON signing_secrets[%d])", i+1, i)
 		if err != nil {
 			// not err itself: it quotes the {…} it stopped at, which in a
 			// literal secret would be part of the secret
-			return fmt.Errorf("signing secret #%d: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{'", i+1)
+			return fmt.Errorf("%s: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{'", name)
 		}
 		if len(secret) < minSecretLen {
-			return fmt.Errorf("signing secret #%d is %d bytes after placeholders; at least %d are required (Kayle's are whsec_ and 32 more)", i+1, len(secret), minSecretLen)
+			return fmt.Errorf("%s is %d bytes after placeholders; at least %d are required (Kayle's are whsec_ and 32 more)", name, len(secret), minSecretLen)
+		}
+		if hasControlByte(secret) {
+			// HMAC pads a key with zero bytes to its block size, so the
+			// published demo secret plus a NUL signs as the demo secret
+			return fmt.Errorf("%s holds a control byte (a NUL, a line break, a tab…) after placeholders; Kayle's secrets have none, and HMAC would sign with a secret ending in NUL exactly as without it", name)
 		}
 		h.secrets = append(h.secrets, []byte(secret))
 	}
 	if len(h.secrets) == 0 {
-		return errors.New("no signing_secret configured")
+		return errors.New("no signing_secret (JSON signing_secrets) configured")
 	}
 	h.macKeys = newMACKeys(h.secrets)
 	return nil
@@ -220,11 +237,11 @@ func (h *Handler) provisionForwardKeys(repl *caddy.Replacer) error {
 		secret, err := repl.ReplaceOrErr(raw, true, true)
 		if err != nil {
 			// not err itself, which would quote part of a literal secret
-			return fmt.Errorf("forward_signature secret #%d: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{'", i+1)
+			return fmt.Errorf("forward_signature secret #%d: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{' (JSON forward_signature_secrets[%d])", i+1, i)
 		}
 		key, err := parseForwardSecret(strings.TrimSpace(secret))
 		if err != nil {
-			return fmt.Errorf("forward_signature secret #%d %v", i+1, err)
+			return fmt.Errorf("forward_signature secret #%d %v (JSON forward_signature_secrets[%d])", i+1, err, i)
 		}
 		h.forwardKeys = append(h.forwardKeys, key)
 	}
@@ -233,68 +250,67 @@ func (h *Handler) provisionForwardKeys(repl *caddy.Replacer) error {
 
 func (h *Handler) provisionKeys(repl *caddy.Replacer) error {
 	h.keys = keyRing{}
-	for _, kf := range h.DecryptionKeys {
+	for i, kf := range h.DecryptionKeys {
+		name := fmt.Sprintf("decryption key %q (decryption_key, JSON decryption_keys[%d])", kf.KeyID, i)
 		path, err := repl.ReplaceOrErr(kf.File, true, true)
 		if err != nil {
-			return fmt.Errorf("decryption key %q: %v", kf.KeyID, err)
+			return fmt.Errorf("%s: %v", name, err)
 		}
 		key, fileKID, err := loadPrivateKeyFile(path)
 		if err != nil {
-			return fmt.Errorf("decryption key %q: %v", kf.KeyID, err)
+			return fmt.Errorf("%s: %v", name, err)
 		}
 		if fileKID != "" && fileKID != kf.KeyID {
-			return fmt.Errorf("decryption key %q: the JWK in %s says kid %q", kf.KeyID, path, fileKID)
+			return fmt.Errorf("%s: the JWK in %s says kid %q", name, path, fileKID)
 		}
 		if err := h.keys.add(kf.KeyID, key); err != nil {
-			return err
+			return fmt.Errorf("%s: %v", name, err)
 		}
 	}
-	for _, raw := range h.DecryptionJWKS {
+	for i, raw := range h.DecryptionJWKS {
+		name := fmt.Sprintf("decryption JWKS #%d (decryption_jwks, JSON decryption_jwks[%d])", i+1, i)
 		path, err := repl.ReplaceOrErr(raw, true, true)
 		if err != nil {
-			return fmt.Errorf("decryption JWKS: %v", err)
+			return fmt.Errorf("%s: %v", name, err)
 		}
 		keys, err := loadJWKSFile(path)
 		if err != nil {
-			return fmt.Errorf("decryption JWKS: %v", err)
+			return fmt.Errorf("%s: %v", name, err)
 		}
 		for _, k := range keys {
 			if err := h.keys.add(k.kid, k.key); err != nil {
-				return err
+				return fmt.Errorf("%s: %v", name, err)
 			}
 		}
 	}
 	if len(h.keys.keys) == 0 {
-		return errors.New("no decryption_key or decryption_keys configured")
+		return errors.New("no decryption_key (JSON decryption_keys) or decryption_jwks (JSON decryption_jwks) configured")
 	}
 	return nil
 }
 
 func (h *Handler) provisionDedupe(ctx caddy.Context) error {
-	window := time.Duration(h.DedupeWindow)
+	window := time.Duration(h.DedupeWindow) // checked by Validate
 	if window == 0 {
 		window = defaultDedupeWindow
-	}
-	if window < minDedupeWindow {
-		return fmt.Errorf("dedupe_window %s is shorter than Kayle's retry and replay horizon; use at least 8d", window)
 	}
 	if h.DedupePrefix == "" {
 		h.DedupePrefix = defaultDedupePrefix
 	}
 	prefix, err := cleanPrefix(h.DedupePrefix)
 	if err != nil {
-		return err
+		return fmt.Errorf("%v (JSON dedupe_prefix)", err)
 	}
 	var storage certmagic.Storage
 	storageRaw := h.StorageRaw // LoadModule clears it
 	if h.StorageRaw != nil {
 		mod, err := ctx.LoadModule(h, "StorageRaw")
 		if err != nil {
-			return fmt.Errorf("loading dedupe storage module: %v", err)
+			return fmt.Errorf("loading dedupe storage module (storage, JSON storage): %v", err)
 		}
 		storage, err = mod.(caddy.StorageConverter).CertMagicStorage()
 		if err != nil {
-			return fmt.Errorf("opening dedupe storage: %v", err)
+			return fmt.Errorf("opening dedupe storage (storage, JSON storage): %v", err)
 		}
 	} else {
 		storage = ctx.Storage()
@@ -331,15 +347,40 @@ func (h *Handler) setLogger(logger *zap.Logger) {
 	}))
 }
 
-// Validate checks the configuration for values that can never work.
+// Validate checks the configuration for values that can never work: every
+// range check of a setting is here, so a JSON config gets the same ones as
+// a Caddyfile (whose parser checks the same ranges, to point at the line).
+// Zero is each setting's default. Provision calls it first too.
 func (h *Handler) Validate() error {
-	if h.MaxBodySize < 0 {
-		return errors.New("max_body_size must not be negative")
+	if h.MaxBodySize < 0 || (h.MaxBodySize != 0 && !validMaxBodySize(uint64(h.MaxBodySize))) {
+		return errMaxBodySizeRange(strconv.FormatInt(h.MaxBodySize, 10) + " bytes")
 	}
-	if h.tolerance < 0 {
-		return errors.New("tolerance must not be negative")
+	if h.Tolerance < 0 {
+		return fmt.Errorf("tolerance (JSON tolerance) is %s; it must not be negative", time.Duration(h.Tolerance))
+	}
+	if !h.DedupeDisabled && h.DedupeWindow != 0 && time.Duration(h.DedupeWindow) < minDedupeWindow {
+		return fmt.Errorf("dedupe_window (JSON dedupe_window) %s is shorter than Kayle's retry and replay horizon; use at least 8d", time.Duration(h.DedupeWindow))
 	}
 	return nil
+}
+
+// validMaxBodySize is max_body_size's range: from 1 byte to 1 GiB.
+func validMaxBodySize(size uint64) bool { return size >= 1 && size <= maxMaxBodySize }
+
+// errMaxBodySizeRange refuses a max_body_size, as given, outside its range.
+func errMaxBodySizeRange(given string) error {
+	return fmt.Errorf("max_body_size (JSON max_body_size) is %s; it must be between 1 byte and 1GiB", given)
+}
+
+// hasControlByte reports whether s holds an ASCII control byte (below 0x20,
+// or DEL).
+func hasControlByte(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] == 0x7f {
+			return true
+		}
+	}
+	return false
 }
 
 // Cleanup releases the storage locks this handler still holds when Caddy
@@ -537,23 +578,26 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 	}
 }
 
-// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax, with
+// each line's JSON field:
 //
 //	kayle_webhook {
-//		signing_secret <secret>          # repeatable; placeholders like {env.X}, {file.path}
-//		decryption_key <kid> <file>      # repeatable; PEM (PKCS#8, PKCS#1) or JWK
-//		decryption_keys <jwks-file>      # repeatable; a JWKS of private keys with kids
-//		tolerance <duration>             # default 5m
-//		max_body_size <size>             # default 4MiB
-//		dedupe_window <duration>         # default 14d, at least 8d
-//		dedupe_prefix <key-prefix>       # default kayle_webhook/events
-//		storage <module> { … }           # default: the global storage
-//		dedupe off                       # forward every verified copy
-//		forward_signature <whsec_secret> # repeatable; sign the forward (Standard Webhooks)
-//		events <type>…                   # repeatable; forward only these types
+//		signing_secret <secret>          # signing_secrets; repeatable; placeholders like {env.X}, {file.path}
+//		decryption_key <kid> <file>      # decryption_keys; repeatable; PEM (PKCS#8, PKCS#1) or JWK
+//		decryption_jwks <jwks-file>      # decryption_jwks; repeatable; a JWKS of private keys with kids
+//		tolerance <duration>             # tolerance; default 5m
+//		max_body_size <size>             # max_body_size; default 4MiB, from 1B to 1GiB
+//		dedupe_window <duration>         # dedupe_window; default 14d, at least 8d
+//		dedupe_prefix <key-prefix>       # dedupe_prefix; default kayle_webhook/events
+//		storage <module> { … }           # storage; default: the global storage
+//		dedupe off                       # dedupe_disabled; forward every verified copy
+//		forward_signature <whsec_secret> # forward_signature_secrets; repeatable; sign the forward (Standard Webhooks)
+//		events <type>…                   # events; repeatable; forward only these types
 //	}
 //
-// Error messages never repeat a signing_secret or forward_signature token.
+// decryption_keys <jwks-file>, decryption_jwks's old name, is still read,
+// with a WARN. Error messages never repeat a signing_secret or
+// forward_signature token.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if d.NextArg() {
@@ -592,13 +636,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("decryption_key takes two arguments: <kid> <file>")
 			}
 			h.DecryptionKeys = append(h.DecryptionKeys, KeyFile{KeyID: kid, File: file})
-		case "decryption_keys":
+		case "decryption_jwks", "decryption_keys":
+			name := d.Val()
 			var file string
 			if !d.Args(&file) || file == "" {
-				return d.Err("decryption_keys takes one argument, <jwks-file>, and its value is empty; " + unsetVariableHint)
+				return d.Errf("%s takes one argument, <jwks-file>, and its value is empty; %s", name, unsetVariableHint)
 			}
 			if d.NextArg() {
-				return d.Err("decryption_keys takes one argument: <jwks-file>")
+				return d.Errf("%s takes one argument: <jwks-file>", name)
+			}
+			if name == "decryption_keys" {
+				warnJWKSAlias(d)
 			}
 			h.DecryptionJWKS = append(h.DecryptionJWKS, file)
 		case "tolerance", "dedupe_window":
@@ -625,8 +673,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return d.Errf("max_body_size: %v", err)
 			}
-			if size == 0 || size > 1<<30 {
-				return d.Errf("max_body_size must be between 1 byte and 1GiB")
+			if !validMaxBodySize(size) {
+				return d.Err(errMaxBodySizeRange(value).Error())
 			}
 			h.MaxBodySize = int64(size)
 		case "dedupe_prefix":
@@ -666,6 +714,21 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// caddyfileLog is where the Caddyfile parser warns: Caddy's log, where the
+// process that adapts a Caddyfile (caddy run, adapt, reload, a config posted
+// as text/caddyfile) logs the adapter's own warnings. The adapter hands the
+// server JSON, in which an old Caddyfile name leaves no trace, so this is
+// the only place it can be noticed. A variable for the tests.
+var caddyfileLog = caddy.Log
+
+// warnJWKSAlias logs that the line just read uses decryption_keys with one
+// argument, decryption_jwks's old name in the Caddyfile (decryption_keys is
+// the JSON name of the decryption_key lines).
+func warnJWKSAlias(d *caddyfile.Dispenser) {
+	caddyfileLog().Warn("kayle_webhook: decryption_keys <jwks-file> is the old name of decryption_jwks <jwks-file>, which means the same (JSON decryption_jwks); use decryption_jwks",
+		zap.String("adapter", "caddyfile"), zap.String("file", d.File()), zap.Int("line", d.Line()))
 }
 
 // unsetVariableHint explains an empty argument: a Caddyfile {$VAR} whose

@@ -5,17 +5,25 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/go-jose/go-jose/v4"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 func TestUnmarshalCaddyfile(t *testing.T) {
@@ -446,5 +454,284 @@ func TestPlaintextDroppedAfterServe(t *testing.T) {
 		if data, _ := io.ReadAll(body); !bytes.Contains(data, []byte("evt_keep")) {
 			t.Errorf("dedupe off=%v: after an error handle_errors would read %q, want the plaintext", dedupeOff, data)
 		}
+	}
+}
+
+// loadJSONHandler loads a kayle_webhook handler from its JSON config as
+// Caddy loads one (strict decoding, Provision, Validate), in a server
+// listening on listen (none: outside any server), and returns it or the
+// error Caddy would report.
+func loadJSONHandler(t *testing.T, config string, listen ...string) (*Handler, error) {
+	t.Helper()
+	parent := context.Background()
+	if listen != nil {
+		parent = context.WithValue(parent, caddyhttp.ServerCtxKey, &caddyhttp.Server{Listen: listen})
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: parent})
+	mod, err := ctx.LoadModuleByID("http.handlers.kayle_webhook", json.RawMessage(config))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	h := mod.(*Handler)
+	t.Cleanup(func() {
+		cancel()
+		_ = h.Cleanup()
+	})
+	return h, nil
+}
+
+func jsonString(s string) string {
+	b, err := json.Marshal(s)
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}
+
+// TestSigningSecretWithControlByteIsRefused: a signing secret holding a
+// control byte is refused when the config loads, without quoting it. HMAC
+// pads a key with zero bytes, so the published demo secret plus a NUL
+// ("…\u0000" in a JSON config) signs exactly as the demo secret; beside a
+// secret and key of one's own on a public listener, it let anyone sign
+// deliveries, with no refusal and no WARN.
+func TestSigningSecretWithControlByteIsRefused(t *testing.T) {
+	demo := demoSecret(t)
+	if !bytes.Equal(signatureMAC([]byte(demo), "1", []byte("x")), signatureMAC([]byte(demo+"\x00"), "1", []byte("x"))) {
+		t.Fatal("the test's premise: HMAC signs with the demo secret plus NUL as with the demo secret")
+	}
+	const own = "whsec_own_secret_0123456789abcdef0123"
+	keyFile, key := newKeyFile(t)
+	twoNewlines := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(twoNewlines, []byte(own+"\n\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KAYLE_TEST_SECRET_CR", own+"\r")
+	cases := map[string]struct {
+		secrets  []string
+		position int // 1-based, of the refused secret
+	}{
+		"the demo secret plus NUL beside one's own": {[]string{own, demo + "\x00"}, 2},
+		"NUL inside":                       {[]string{own[:10] + "\x00" + own[10:]}, 1},
+		"tab":                              {[]string{own + "\t"}, 1},
+		"DEL":                              {[]string{own + "\x7f"}, 1},
+		"a file ending in two line breaks": {[]string{"{file." + twoNewlines + "}"}, 1}, // {file.} drops one
+		"an env var ending in CR":          {[]string{"{env.KAYLE_TEST_SECRET_CR}"}, 1},
+	}
+	for name, c := range cases {
+		quoted := make([]string, len(c.secrets))
+		for i, s := range c.secrets {
+			quoted[i] = jsonString(s)
+		}
+		config := `{"signing_secrets":[` + strings.Join(quoted, ",") + `],` +
+			`"decryption_keys":[{"kid":"k-own","file":` + jsonString(keyFile) + `}],"dedupe_disabled":true}`
+		h, err := loadJSONHandler(t, config, ":8443")
+		if err == nil {
+			// what the attacker gets: a delivery signed with the published secret
+			payload := eventPayload("evt_forged_with_demo_secret")
+			body, err := EncryptDelivery(payload, &key.PublicKey, "k-own", jose.A256GCM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			backend := &testBackend{}
+			serve(h, deliveryRequest(body, SignatureHeaderValue([]byte(demo), time.Now(), body)), backend)
+			t.Errorf("%s: accepted (a delivery signed with the published demo secret: %d forwards)", name, backend.Calls())
+			continue
+		}
+		want := fmt.Sprintf("signing secret #%d (signing_secret, JSON signing_secrets[%d]) holds a control byte", c.position, c.position-1)
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", name, err, want)
+		}
+		if strings.Contains(err.Error(), own[6:]) || strings.Contains(err.Error(), demo[6:]) {
+			t.Errorf("%s: the error quotes a secret: %v", name, err)
+		}
+	}
+}
+
+// TestJSONConfigRangeChecks: a JSON config is held to the ranges a
+// Caddyfile is (max_body_size's 1 B to 1 GiB was checked by the Caddyfile
+// parser only, so JSON took 2 GiB or 1 TiB), each refusal names the JSON
+// field, and a range is checked before the storage is opened.
+func TestJSONConfigRangeChecks(t *testing.T) {
+	base := func(root, extra string) string {
+		return `{"signing_secrets":[` + jsonString(demoSecret(t)) + `],` +
+			`"decryption_keys":[{"kid":"demo","file":` + jsonString(demoKeyFile) + `}],` +
+			`"storage":{"module":"file_system","root":` + jsonString(root) + `}` + extra + `}`
+	}
+	refused := map[string]struct{ extra, want string }{
+		"max_body_size 1GiB+1": {`,"max_body_size":1073741825`, "max_body_size (JSON max_body_size) is 1073741825 bytes; it must be between 1 byte and 1GiB"},
+		"max_body_size 1TiB":   {`,"max_body_size":1099511627776`, "max_body_size (JSON max_body_size)"},
+		"max_body_size -1":     {`,"max_body_size":-1`, "max_body_size (JSON max_body_size)"},
+		"tolerance -1s":        {`,"tolerance":"-1s"`, "tolerance (JSON tolerance)"},
+		"dedupe_window 7d":     {`,"dedupe_window":"7d"`, "dedupe_window (JSON dedupe_window) 168h0m0s is shorter"},
+		"dedupe_window -14d":   {`,"dedupe_window":"-14d"`, "dedupe_window (JSON dedupe_window)"},
+	}
+	for name, c := range refused {
+		root := t.TempDir()
+		_, err := loadJSONHandler(t, base(root, c.extra))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error containing %q", name, err, c.want)
+		}
+		if entries, _ := os.ReadDir(root); len(entries) != 0 {
+			t.Errorf("%s: the storage was written before the refusal (%d entries)", name, len(entries))
+		}
+	}
+	accepted := map[string]struct {
+		extra string
+		size  int64
+	}{
+		"max_body_size 1GiB":                  {`,"max_body_size":1073741824`, 1 << 30},
+		"max_body_size 1":                     {`,"max_body_size":1`, 1},
+		"max_body_size absent: the default":   {``, defaultMaxBodySize},
+		"dedupe_window 7d with dedupe off":    {`,"dedupe_window":"7d","dedupe_disabled":true`, defaultMaxBodySize},
+		"dedupe_window 8d, the least allowed": {`,"dedupe_window":"8d"`, defaultMaxBodySize},
+	}
+	for name, c := range accepted {
+		h, err := loadJSONHandler(t, base(t.TempDir(), c.extra))
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if h.MaxBodySize != c.size {
+			t.Errorf("%s: max_body_size %d, want %d", name, h.MaxBodySize, c.size)
+		}
+	}
+}
+
+// TestConfigErrorsNameTheJSONField: a JSON config's author reads JSON field
+// names; every refusal names the field it is about in JSON too.
+func TestConfigErrorsNameTheJSONField(t *testing.T) {
+	t.Setenv("KAYLE_TEST_SHORT", "short")
+	secret := jsonString(demoSecret(t))
+	key := `[{"kid":"demo","file":` + jsonString(demoKeyFile) + `}]`
+	cases := map[string]struct{ config, want string }{
+		"no secret":          {`{"decryption_keys":` + key + `,"dedupe_disabled":true}`, "no signing_secret (JSON signing_secrets) configured"},
+		"short secret":       {`{"signing_secrets":["{env.KAYLE_TEST_SHORT}"],"decryption_keys":` + key + `,"dedupe_disabled":true}`, "(signing_secret, JSON signing_secrets[0]) is 5 bytes"},
+		"unset placeholder":  {`{"signing_secrets":[` + secret + `,"{env.KAYLE_TEST_UNSET_X}"],"decryption_keys":` + key + `,"dedupe_disabled":true}`, "signing secret #2 (signing_secret, JSON signing_secrets[1]): a placeholder"},
+		"no key":             {`{"signing_secrets":[` + secret + `],"dedupe_disabled":true}`, "no decryption_key (JSON decryption_keys) or decryption_jwks (JSON decryption_jwks) configured"},
+		"unreadable key":     {`{"signing_secrets":[` + secret + `],"decryption_keys":[{"kid":"k9","file":"/nonexistent.pem"}],"dedupe_disabled":true}`, `decryption key "k9" (decryption_key, JSON decryption_keys[0])`},
+		"duplicate kid":      {`{"signing_secrets":[` + secret + `],"decryption_keys":[{"kid":"demo","file":` + jsonString(demoKeyFile) + `},{"kid":"demo","file":` + jsonString(demoKeyFile) + `}],"dedupe_disabled":true}`, `(decryption_key, JSON decryption_keys[1]): two decryption keys`},
+		"unreadable JWKS":    {`{"signing_secrets":[` + secret + `],"decryption_keys":` + key + `,"decryption_jwks":["/nonexistent.jwks"],"dedupe_disabled":true}`, "decryption JWKS #1 (decryption_jwks, JSON decryption_jwks[0])"},
+		"bad forward secret": {`{"signing_secrets":[` + secret + `],"decryption_keys":` + key + `,"forward_signature_secrets":["whsec_x"],"dedupe_disabled":true}`, "(JSON forward_signature_secrets[0])"},
+		"empty event type":   {`{"signing_secrets":[` + secret + `],"decryption_keys":` + key + `,"events":[""],"dedupe_disabled":true}`, "(JSON events)"},
+		"prefix escapes":     {`{"signing_secrets":[` + secret + `],"decryption_keys":` + key + `,"storage":{"module":"file_system","root":` + jsonString(t.TempDir()) + `},"dedupe_prefix":"a/../.."}`, "(JSON dedupe_prefix)"},
+		"unknown storage":    {`{"signing_secrets":[` + secret + `],"decryption_keys":` + key + `,"storage":{"module":"nowhere"}}`, "(storage, JSON storage)"},
+	}
+	for name, c := range cases {
+		_, err := loadJSONHandler(t, c.config)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error containing %q", name, err, c.want)
+		}
+	}
+}
+
+// adaptKayleBlock adapts a site whose kayle_webhook block holds lines, with
+// Caddy's Caddyfile adapter, and returns the handler's JSON and what the
+// parser logged at WARN.
+func adaptKayleBlock(t *testing.T, lines string) (json.RawMessage, *observer.ObservedLogs, error) {
+	t.Helper()
+	core, logs := observer.New(zapcore.WarnLevel)
+	caddyfileLog = func() *zap.Logger { return zap.New(core) }
+	t.Cleanup(func() { caddyfileLog = caddy.Log })
+	caddyfile := "http://127.0.0.1:8080 {\n\tkayle_webhook {\n\t\tsigning_secret {env.KAYLE_SECRET}\n" + lines + "\t}\n}\n"
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		return nil, logs, err
+	}
+	if handler := findKayleHandler(adapted); handler != nil {
+		return handler, logs, nil
+	}
+	t.Fatalf("no kayle_webhook handler in %s", adapted)
+	return nil, nil, nil
+}
+
+// findKayleHandler returns the first kayle_webhook handler in a JSON config,
+// wherever it is nested (the site's subroute).
+func findKayleHandler(raw json.RawMessage) json.RawMessage {
+	var obj map[string]json.RawMessage
+	if json.Unmarshal(raw, &obj) == nil {
+		if string(obj["handler"]) == `"kayle_webhook"` {
+			return raw
+		}
+		for _, v := range obj {
+			if found := findKayleHandler(v); found != nil {
+				return found
+			}
+		}
+		return nil
+	}
+	var arr []json.RawMessage
+	if json.Unmarshal(raw, &arr) == nil {
+		for _, v := range arr {
+			if found := findKayleHandler(v); found != nil {
+				return found
+			}
+		}
+	}
+	return nil
+}
+
+// TestCaddyfileDecryptionJWKS: the Caddyfile names a JWKS file
+// decryption_jwks, as JSON does. Its old Caddyfile name, decryption_keys
+// (in JSON the decryption_key lines), still works, and logs a WARN with the
+// file and line where the Caddyfile is adapted: the adapted JSON is the
+// same, so nothing later could tell.
+func TestCaddyfileDecryptionJWKS(t *testing.T) {
+	jwks := filepath.Join(vectorsDir, "keys/private.jwks.json")
+	handler, logs, err := adaptKayleBlock(t, "\t\tdedupe off\n\t\tdecryption_jwks "+jwks+"\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `"decryption_jwks":[` + jsonString(jwks) + `]`; !bytes.Contains(handler, []byte(want)) {
+		t.Errorf("decryption_jwks adapts to %s, want %s", handler, want)
+	}
+	if logs.Len() != 0 {
+		t.Errorf("decryption_jwks logged %v", logs.All())
+	}
+	t.Setenv("KAYLE_SECRET", "whsec_own_secret_0123456789abcdef0123") // the demo's would be refused beside k1
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(handler, &fields); err != nil {
+		t.Fatal(err)
+	}
+	delete(fields, "handler") // the module's name, which Caddy reads before loading it
+	config, _ := json.Marshal(fields)
+	if _, err := loadJSONHandler(t, string(config)); err != nil {
+		t.Errorf("the adapted handler does not load: %v", err)
+	}
+
+	old, logs, err := adaptKayleBlock(t, "\t\tdedupe off\n\t\tdecryption_keys "+jwks+"\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(old, handler) {
+		t.Errorf("decryption_keys <file> adapts to %s, decryption_jwks to %s", old, handler)
+	}
+	warns := logs.FilterMessageSnippet("use decryption_jwks").AllUntimed()
+	if len(warns) != 1 {
+		t.Fatalf("decryption_keys <file>: WARN lines %v, want one saying to use decryption_jwks", logs.All())
+	}
+	if f := warns[0].ContextMap(); f["file"] != "Caddyfile" || f["line"] != int64(5) {
+		t.Errorf("the WARN points at %v:%v, want Caddyfile:5", f["file"], f["line"])
+	}
+
+	for _, line := range []string{"decryption_jwks", "decryption_jwks a.jwks b.jwks", "decryption_jwks \"\""} {
+		if _, _, err := adaptKayleBlock(t, "\t\t"+line+"\n"); err == nil || !strings.Contains(err.Error(), "decryption_jwks takes one argument") {
+			t.Errorf("%s: %v", line, err)
+		}
+	}
+}
+
+// TestCaddyfileMaxBodySizeRange: the Caddyfile parser refuses the sizes
+// Validate refuses, with the same words, at the line.
+func TestCaddyfileMaxBodySizeRange(t *testing.T) {
+	for _, size := range []string{"0", "2GiB", "1073741825", "9EiB"} {
+		_, _, err := adaptKayleBlock(t, "\t\tmax_body_size "+size+"\n")
+		if err == nil || !strings.Contains(err.Error(), "max_body_size (JSON max_body_size) is "+size+";") || !strings.Contains(err.Error(), "Caddyfile:4") {
+			t.Errorf("max_body_size %s: %v", size, err)
+		}
+	}
+	handler, _, err := adaptKayleBlock(t, "\t\tmax_body_size 1GiB\n")
+	if err != nil || !bytes.Contains(handler, []byte(`"max_body_size":1073741824`)) {
+		t.Errorf("max_body_size 1GiB: %s %v", handler, err)
 	}
 }

@@ -4,14 +4,16 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"strconv"
 )
 
 // maxIDLen bounds the ids copied into headers, placeholders and logs.
 const maxIDLen = 256
 
 var (
-	errPayloadNotJSON = errors.New("decrypted payload is not a JSON object")
-	errNoEventID      = errors.New("decrypted payload has no metadata.event_id string")
+	errPayloadNotJSON  = errors.New("decrypted payload is not a JSON object")
+	errNoEventID       = errors.New("decrypted payload has no metadata.event_id string")
+	errContractVersion = errors.New("decrypted payload field metadata.contract_version is not an integer from 1 to " + strconv.Itoa(maxContractVersion))
 )
 
 // event is what the gateway reads from a decrypted payload: ids only. The
@@ -23,42 +25,74 @@ type event struct {
 	ContractVersion string
 }
 
+// maxContractVersion bounds metadata.contract_version. Kayle's contract
+// is at version 1; a backend reads the number into an int, and 1e309 or
+// 1.5 would make it fail (or, in JavaScript, read Infinity) on every retry.
+const maxContractVersion = 1000
+
+// The members parseEvent reads: of the payload, and of its metadata.
+var (
+	topNames      = [...]string{"type", "metadata"}
+	metadataNames = [...]string{"event_id", "verification_session_id", "contract_version"}
+)
+
 // parseEvent validates a decrypted payload as JSON and reads its ids. Its
 // errors never quote the plaintext (encoding/json's would).
+//
+// A field it reads must be unambiguous: a backend decoding the body into a
+// struct matches member names case-insensitively, the last one winning, so
+// a "TYPE" beside "type" (or an "EVENT_ID", "eventId", a repeated
+// "event_id") would have it read another event than the one the gateway
+// deduplicated and filtered on.
 func parseEvent(plaintext []byte) (event, error) {
 	if trimmed := bytes.TrimLeft(plaintext, " \t\r\n"); len(trimmed) == 0 || trimmed[0] != '{' {
 		return event{}, errPayloadNotJSON
 	}
-	top, err := scanJSON(plaintext, "type", "metadata")
-	if err != nil {
+	var top [2]member
+	if err := scanJSON(plaintext, topNames[:], top[:]); err != nil {
 		return event{}, errPayloadNotJSON
 	}
+	if top[0].ambiguous {
+		return event{}, errAmbiguous("type")
+	}
+	if top[1].ambiguous {
+		return event{}, errAmbiguous("metadata")
+	}
 	var ev event
-	if err := optionalString(top[0], "type", &ev.Type); err != nil {
+	if err := optionalString(top[0].value, "type", &ev.Type); err != nil {
 		return event{}, err
 	}
-	if top[1] == nil || string(top[1]) == "null" {
+	metadata := top[1].value
+	if metadata == nil || string(metadata) == "null" {
 		return event{}, errNoEventID
 	}
-	if top[1][0] != '{' {
+	if metadata[0] != '{' {
 		return event{}, errWrongType("metadata")
 	}
-	meta, err := scanJSON(top[1], "event_id", "verification_session_id", "contract_version")
-	if err != nil {
-		return event{}, errPayloadNotJSON // cannot happen: top[1] was validated
+	var meta [3]member
+	if err := scanJSON(metadata, metadataNames[:], meta[:]); err != nil {
+		return event{}, errPayloadNotJSON // cannot happen: metadata was validated
 	}
-	if meta[0] == nil || string(meta[0]) == "null" {
+	for i, name := range metadataNames {
+		if meta[i].ambiguous {
+			return event{}, errAmbiguous("metadata." + name)
+		}
+	}
+	if v := meta[0].value; v == nil || string(v) == "null" {
 		return event{}, errNoEventID
 	}
-	if err := optionalString(meta[0], "metadata.event_id", &ev.ID); err != nil {
+	if err := optionalString(meta[0].value, "metadata.event_id", &ev.ID); err != nil {
 		return event{}, err
 	}
-	if err := optionalString(meta[1], "metadata.verification_session_id", &ev.SessionID); err != nil {
+	if err := optionalString(meta[1].value, "metadata.verification_session_id", &ev.SessionID); err != nil {
 		return event{}, err
 	}
-	if v := meta[2]; v != nil && string(v) != "null" {
+	if v := meta[2].value; v != nil && string(v) != "null" {
 		if v[0] != '-' && (v[0] < '0' || v[0] > '9') {
 			return event{}, errWrongType("metadata.contract_version")
+		}
+		if !contractVersionOK(v) {
+			return event{}, errContractVersion
 		}
 		ev.ContractVersion = string(v)
 	}
@@ -73,6 +107,23 @@ func parseEvent(plaintext []byte) (event, error) {
 		}
 	}
 	return ev, nil
+}
+
+// contractVersionOK reports whether a raw JSON number is an integer from 1
+// to maxContractVersion written plainly: no sign, fraction, exponent or
+// leading zero (1.0 and 1e0 fail a decode into an int).
+func contractVersionOK(raw []byte) bool {
+	if len(raw) == 0 || raw[0] < '1' || raw[0] > '9' || len(raw) > len("1000") {
+		return false
+	}
+	n := 0
+	for _, c := range raw {
+		if c < '0' || c > '9' {
+			return false
+		}
+		n = 10*n + int(c-'0')
+	}
+	return n <= maxContractVersion
 }
 
 // optionalString decodes a raw JSON string member into dst; absent and null
@@ -92,6 +143,11 @@ func jsonUnmarshalString(raw []byte, dst *string) error { return json.Unmarshal(
 // errWrongType names the field only, never its value.
 func errWrongType(field string) error {
 	return errors.New("decrypted payload field " + field + " has the wrong JSON type")
+}
+
+// errAmbiguous names the field only, never the names or values beside it.
+func errAmbiguous(field string) error {
+	return errors.New("decrypted payload field " + field + " is ambiguous: it repeats, or another member's name differs from it only in letter case, '_' or '-' (a backend decoding into a struct would read that one)")
 }
 
 // errUnsafeID names the field only, never its value.
