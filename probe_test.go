@@ -112,6 +112,7 @@ func TestProvisionProbesTheStorageLock(t *testing.T) {
 		})
 	}
 	t.Run("excludes", func(t *testing.T) {
+		probedStorages.Clear() // a pass is remembered for reloads; probe afresh
 		h := newTestHandler(t, func(h *Handler) { h.StorageRaw = testLocksJSON("excludes") })
 		mem, _ := testStorages.Load("excludes")
 		st := mem.(*memStorage)
