@@ -474,17 +474,8 @@ func TestLockContextLivesAsLongAsTheHold(t *testing.T) {
 func TestLockLiveLeaseDecidesOverAWonStorageLock(t *testing.T) {
 	st := newMemStorage()
 	here, logs := newLockTestDeduper(st)
-	there, _ := newLockTestDeduper(st)
 	const id = "evt_lapsed_lock"
-	_, key, lockName := there.eventKeys(id)
-	held, _, err := there.acquire(context.Background(), lockName, key, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := held.writeLease(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	held.heartbeat(there.timing.beatEvery)
+	there, held, lockName := holdWithLease(t, st, id)
 	// the holder's storage lock lapses while it forwards
 	if err := st.Unlock(context.Background(), lockName); err != nil {
 		t.Fatal(err)
@@ -505,14 +496,11 @@ func TestLockLiveLeaseDecidesOverAWonStorageLock(t *testing.T) {
 	}
 }
 
-// While the storage stalls, a holder cannot renew its lease: the time a
-// waiter's reads were stalled is no evidence of the holder's death, so a
-// stall longer than the stale time takes no live holder over.
-func TestLockStorageStallIsNotSilence(t *testing.T) {
-	st := newMemStorage()
-	here, logs := newLockTestDeduper(st)
-	there, _ := newLockTestDeduper(st)
-	const id = "evt_storage_stall"
+// holdWithLease has another instance hold event id and keep its lease
+// fresh, as a live holder forwarding it slowly does.
+func holdWithLease(t *testing.T, st *memStorage, id string) (there *deduper, held *heldLock, lockName string) {
+	t.Helper()
+	there, _ = newLockTestDeduper(st)
 	_, key, lockName := there.eventKeys(id)
 	held, _, err := there.acquire(context.Background(), lockName, key, id)
 	if err != nil {
@@ -522,6 +510,17 @@ func TestLockStorageStallIsNotSilence(t *testing.T) {
 		t.Fatal(err)
 	}
 	held.heartbeat(there.timing.beatEvery)
+	return there, held, lockName
+}
+
+// While the storage stalls, a holder cannot renew its lease: the time a
+// waiter's reads were stalled is no evidence of the holder's death, so a
+// stall longer than the stale time takes no live holder over.
+func TestLockStorageStallIsNotSilence(t *testing.T) {
+	st := newMemStorage()
+	here, logs := newLockTestDeduper(st)
+	const id = "evt_storage_stall"
+	there, held, _ := holdWithLease(t, st, id)
 	var stalled atomic.Bool
 	stallOver := make(chan struct{})
 	st.hook = func(method, _ string) {

@@ -37,7 +37,7 @@ type gatewayProc struct {
 	url       string
 	env       []string
 	cmd       *exec.Cmd
-	out       *syncBuffer
+	out       *servers.SyncBuffer
 	exited    chan struct{}
 	waitErr   error // set before exited is closed
 }
@@ -78,7 +78,7 @@ func startGateway(t *testing.T, bin, name, storage, backend string) *gatewayProc
 			"XDG_DATA_HOME="+filepath.Join(dir, "data"),
 			"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
 		),
-		out:    new(syncBuffer),
+		out:    new(servers.SyncBuffer),
 		exited: make(chan struct{}),
 	}
 	if err := os.WriteFile(g.config, []byte(gatewayCaddyfile(g.adminAddr, port, storage, backend)), 0o600); err != nil {

