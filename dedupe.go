@@ -430,7 +430,7 @@ func (d *deduper) expired(ctx context.Context, key string, cutoff, now time.Time
 		return false, err
 	}
 	// A record key is never a folder in our layout, and some storage
-	// modules (Redis, PostgreSQL) report no key as terminal: a record is
+	// modules (pteich/caddy-tlsconsul) report no key as terminal: a record is
 	// read whatever Stat says. A stray temp file must be a file, since
 	// deleting a folder key deletes what is below it.
 	if !info.IsTerminal && !isRecord {
