@@ -57,10 +57,7 @@ storage failed.
 		Args: cobra.MinimumNArgs(1),
 		RunE: runWith(cmdKayleForget),
 	}
-	f := cmd.Flags()
-	f.StringP("config", "c", "", "config file the gateway runs with (required)")
-	f.StringP("adapter", "a", "", "name of the config adapter")
-	f.String("prefix", "", "dedupe_prefix of the handler to use, when the config has several")
+	addRecordsFlags(cmd)
 	return cmd
 }
 
@@ -124,6 +121,15 @@ func runForget(ctx context.Context, o forgetOptions, s cmdIO) error {
 		return fmt.Errorf("%d of %d events could not be forgotten", failed, len(o.EventIDs))
 	}
 	return nil
+}
+
+// addRecordsFlags adds the flags that find a handler's dedupe records:
+// --config, --adapter and --prefix (see dedupeHandler).
+func addRecordsFlags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.StringP("config", "c", "", "config file the gateway runs with (required)")
+	f.StringP("adapter", "a", "", "name of the config adapter")
+	f.String("prefix", "", "dedupe_prefix of the handler to use, when the config has several")
 }
 
 // dedupeHandler picks the handler whose records to edit: the only one with

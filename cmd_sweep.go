@@ -41,10 +41,7 @@ is done, 1 if the config or the storage failed.
 		Args: cobra.NoArgs,
 		RunE: runWith(cmdKayleSweep),
 	}
-	f := cmd.Flags()
-	f.StringP("config", "c", "", "config file the gateway runs with (required)")
-	f.StringP("adapter", "a", "", "name of the config adapter")
-	f.String("prefix", "", "dedupe_prefix of the handler to use, when the config has several")
+	addRecordsFlags(cmd)
 	return cmd
 }
 
