@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strconv"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
@@ -23,7 +24,7 @@ func acknowledge(w http.ResponseWriter, marker, status, eventID string) error {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Header().Set(marker, "true")
-	w.Header().Set(HeaderEventID, eventID)
+	w.Header().Set(kayle.HeaderEventID, eventID)
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(body)
 	return nil

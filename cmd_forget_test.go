@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
@@ -58,7 +59,7 @@ func TestForgetCommandLetsTheEventThroughAgain(t *testing.T) {
 				if res := deliver(id); res.Status != http.StatusOK {
 					t.Fatalf("%s: %d", id, res.Status)
 				}
-				if res := deliver(id); res.Rec.Header().Get(HeaderDuplicate) != "true" {
+				if res := deliver(id); res.Rec.Header().Get(kayle.HeaderDuplicate) != "true" {
 					t.Fatalf("%s was not a duplicate before forget", id)
 				}
 			}
@@ -83,14 +84,14 @@ func TestForgetCommandLetsTheEventThroughAgain(t *testing.T) {
 
 			calls := backend.Calls()
 			res := deliver("evt_replayed")
-			if res.Status != http.StatusOK || res.Rec.Header().Get(HeaderDuplicate) != "" || backend.Calls() != calls+1 {
+			if res.Status != http.StatusOK || res.Rec.Header().Get(kayle.HeaderDuplicate) != "" || backend.Calls() != calls+1 {
 				t.Fatalf("after forget: %d, %s %q, backend calls %d→%d; want it forwarded",
-					res.Status, HeaderDuplicate, res.Rec.Header().Get(HeaderDuplicate), calls, backend.Calls())
+					res.Status, kayle.HeaderDuplicate, res.Rec.Header().Get(kayle.HeaderDuplicate), calls, backend.Calls())
 			}
-			if res := deliver("evt_replayed"); res.Rec.Header().Get(HeaderDuplicate) != "true" {
+			if res := deliver("evt_replayed"); res.Rec.Header().Get(kayle.HeaderDuplicate) != "true" {
 				t.Error("the replay forwarded after forget was not remembered again")
 			}
-			if res := deliver("evt_other"); res.Rec.Header().Get(HeaderDuplicate) != "true" {
+			if res := deliver("evt_other"); res.Rec.Header().Get(kayle.HeaderDuplicate) != "true" {
 				t.Error("forget of one event let another through")
 			}
 		})

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
@@ -108,7 +109,7 @@ func runInspect(o inspectOptions, now time.Time, s cmdIO) error {
 		return err
 	}
 	header := strings.TrimSpace(o.Signature)
-	if name, value, ok := strings.Cut(header, ":"); ok && strings.EqualFold(strings.TrimSpace(name), SignatureHeader) {
+	if name, value, ok := strings.Cut(header, ":"); ok && strings.EqualFold(strings.TrimSpace(name), kayle.SignatureHeader) {
 		header = strings.TrimSpace(value)
 	}
 
@@ -171,7 +172,7 @@ func describeJWEHeader(body []byte) string {
 			return "(none)"
 		}
 		b, _ := json.Marshal(v)
-		if len(b) > 2*maxIDLen {
+		if len(b) > 2*kayle.MaxIDLen {
 			return "(too long to show)"
 		}
 		return string(b)
@@ -199,12 +200,12 @@ func inspectWith(h *Handler, body []byte, sigHeader string, o inspectOptions, no
 	}
 	signed := sigHeader == "" || reportSignature(s.out, sigHeader, body, h.secrets, now, tolerance)
 
-	plaintext, kid, err := h.keys.decrypt(body)
+	plaintext, kid, err := h.keys.Decrypt(body)
 	switch {
-	case errors.Is(err, errNotJWE):
+	case errors.Is(err, kayle.ErrNotJWE):
 		fmt.Fprintf(s.out, "key: none tried: %v (the gateway answers 422)\n", err)
 		return false, nil
-	case errors.Is(err, errUnknownKeyID):
+	case errors.Is(err, kayle.ErrUnknownKeyID):
 		fmt.Fprintf(s.out, "key: no configured key has kid %q (configured: %s); the gateway answers 500 and Kayle retries\n", kid, configuredKIDs(h.keys))
 		return false, nil
 	case err != nil && kid != "":
@@ -216,7 +217,7 @@ func inspectWith(h *Handler, body []byte, sigHeader string, o inspectOptions, no
 	}
 	fmt.Fprintf(s.out, "key: opened by the key configured as kid %q\n", kid)
 
-	ev, err := parseEvent(plaintext)
+	ev, err := kayle.ParseEvent(plaintext)
 	if err != nil {
 		fmt.Fprintf(s.out, "event: unusable payload: %v (the gateway answers 422)\n", err)
 	} else {
@@ -234,22 +235,22 @@ func inspectWith(h *Handler, body []byte, sigHeader string, o inspectOptions, no
 // header's v1 values match and how far t is from now, and reports whether
 // the gateway would accept the signature.
 func reportSignature(out io.Writer, header string, body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) bool {
-	sig, err := parseSignature(header)
+	sig, err := kayle.ParseSignature(header)
 	if err != nil {
 		fmt.Fprintf(out, "signature: %v (the gateway answers 400)\n", err)
 		return false
 	}
 	var matched []string
 	for i, secret := range secrets {
-		mac := signatureMAC(secret, sig.timestamp, body)
-		for _, v1 := range sig.v1 {
+		mac := kayle.SignatureMAC(secret, sig.Timestamp, body)
+		for _, v1 := range sig.V1 {
 			if hmac.Equal(mac, v1) {
 				matched = append(matched, fmt.Sprintf("#%d", i+1))
 				break
 			}
 		}
 	}
-	skew := now.Sub(time.Unix(sig.unix, 0)).Round(time.Second)
+	skew := now.Sub(time.Unix(sig.Unix, 0)).Round(time.Second)
 	when := fmt.Sprintf("t is %s ago", skew)
 	if skew < 0 {
 		when = fmt.Sprintf("t is %s in the future", -skew)
@@ -269,10 +270,10 @@ func reportSignature(out io.Writer, header string, body []byte, secrets [][]byte
 }
 
 // configuredKIDs lists a key ring's kids in configuration order.
-func configuredKIDs(kr keyRing) string {
-	kids := make([]string, len(kr.keys))
-	for i, k := range kr.keys {
-		kids[i] = fmt.Sprintf("%q", k.kid)
+func configuredKIDs(kr kayle.KeyRing) string {
+	kids := make([]string, len(kr.Keys))
+	for i, k := range kr.Keys {
+		kids[i] = fmt.Sprintf("%q", k.KID)
 	}
 	return strings.Join(kids, ", ")
 }

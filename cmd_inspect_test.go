@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // claimValues are personal data in samplePayload's succeeded event: inspect
@@ -18,8 +20,8 @@ var claimValues = []string{"Curie", "Marie", "1995-04-12", "kdid_"}
 // demo key (kid "demo") and its signature with the demo secret at signedAt.
 func inspectDelivery(t *testing.T, signedAt time.Time) (bodyFile, signature, eventID string) {
 	t.Helper()
-	eventID = "evt_inspect_" + randomHex(4)
-	payload, err := samplePayload("verification.session.succeeded", eventID)
+	eventID = "evt_inspect_" + kayle.RandomHex(4)
+	payload, err := kayle.SamplePayload("verification.session.succeeded", eventID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +88,7 @@ func TestInspectCommandAcceptedDelivery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err = runInspectOut(t, inspectOptions{Config: config, Signature: SignatureHeader + ": " + sig, Plaintext: true, Body: "-"}, string(data))
+	out, err = runInspectOut(t, inspectOptions{Config: config, Signature: kayle.SignatureHeader + ": " + sig, Plaintext: true, Body: "-"}, string(data))
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
@@ -135,7 +137,7 @@ func TestInspectCommandExplainsRefusals(t *testing.T) {
 	}{
 		{"wrong secret", wrongSecret, body, sig, "signature: matches none of the 1 configured signing secrets (the gateway answers 400)"},
 		{"stale signature", kayleBlock(t, ""), stale, staleSig, "t is 10m0s ago, outside the 5m0s tolerance"},
-		{"tampered signature", kayleBlock(t, ""), body, flipLastHexDigit(sig), "matches none"},
+		{"tampered signature", kayleBlock(t, ""), body, kayle.FlipLastHexDigit(sig), "matches none"},
 		{"malformed signature", kayleBlock(t, ""), body, "v1=abc", "malformed X-Kayle-Signature"},
 		{"kid not configured", strings.Replace(kayleBlock(t, ""), "decryption_key demo", "decryption_key k1", 1), body, sig,
 			`key: no configured key has kid "demo" (configured: "k1"); the gateway answers 500`},

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/go-jose/go-jose/v4"
@@ -50,7 +51,7 @@ func cmdKayleJWK(fl caddycmd.Flags, args []string, s cmdIO) (int, error) {
 }
 
 func runJWK(path, kid string, s cmdIO) error {
-	if _, jwk, err := readKeyFile(path); err != nil {
+	if _, jwk, err := kayle.ReadKeyFile(path); err != nil {
 		return err
 	} else if jwk != nil {
 		if jwk.Use != "" && jwk.Use != "enc" {
@@ -60,12 +61,12 @@ func runJWK(path, kid string, s cmdIO) error {
 			return fmt.Errorf("%s: key alg is %q, not %q", path, jwk.Algorithm, jose.RSA_OAEP_256)
 		}
 	}
-	pub, fileKID, err := LoadPublicKeyFile(path)
+	pub, fileKID, err := kayle.LoadPublicKeyFile(path)
 	if err != nil {
 		return err
 	}
-	if bits := pub.N.BitLen(); bits < minRSABits {
-		return fmt.Errorf("%s: RSA key is %d bits; Kayle requires at least %d", path, bits, minRSABits)
+	if bits := pub.N.BitLen(); bits < kayle.MinRSABits {
+		return fmt.Errorf("%s: RSA key is %d bits; Kayle requires at least %d", path, bits, kayle.MinRSABits)
 	}
 	switch {
 	case kid == "" && fileKID == "":
@@ -75,8 +76,8 @@ func runJWK(path, kid string, s cmdIO) error {
 	case fileKID != "" && fileKID != kid:
 		return fmt.Errorf("%s says kid %q, not %q: the gateway would refuse it under --kid %q", path, fileKID, kid, kid)
 	}
-	if !headerSafe(kid) {
-		return fmt.Errorf("--kid %q: must be at most %d bytes, no control characters", kid, maxIDLen)
+	if !kayle.HeaderSafe(kid) {
+		return fmt.Errorf("--kid %q: must be at most %d bytes, no control characters", kid, kayle.MaxIDLen)
 	}
 	data, err := newPublicJWK(pub, kid).marshal()
 	if err != nil {
@@ -85,7 +86,7 @@ func runJWK(path, kid string, s cmdIO) error {
 	if _, err := s.out.Write(data); err != nil {
 		return err
 	}
-	if _, _, err := loadPrivateKeyFile(path); err == nil {
+	if _, _, err := kayle.LoadPrivateKeyFile(path); err == nil {
 		if abs, err := filepath.Abs(path); err == nil {
 			printKeyInstructions(s.notes, kid, abs)
 		}

@@ -2,10 +2,8 @@ package kaylewebhook
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/rsa"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -256,12 +254,6 @@ func (lc *loadedConfig) openStorage(ctx caddy.Context, c configuredHandler) (cer
 // running config, as Caddy's own storage commands make one.
 func newCommandContext() (caddy.Context, context.CancelFunc) {
 	return caddy.NewContext(caddy.Context{Context: context.Background()})
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // crypto/rand.Read never fails
-	return hex.EncodeToString(b)
 }
 
 func withNewline(b []byte) string {

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -106,7 +107,7 @@ func TestKayleSubcommandsThroughCobra(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, _, err := loadPrivateKeyFile(dir + "/k1.pem")
+	key, _, err := kayle.LoadPrivateKeyFile(dir + "/k1.pem")
 	if err != nil {
 		t.Fatal(err)
 	}

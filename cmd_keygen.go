@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
@@ -98,14 +99,14 @@ func runKeygen(o keygenOptions, s cmdIO) error {
 	if o.Bits == 0 {
 		o.Bits = keygenDefaultBits
 	}
-	if o.Bits < minRSABits {
-		return fmt.Errorf("--bits %d: Kayle requires at least %d", o.Bits, minRSABits)
+	if o.Bits < kayle.MinRSABits {
+		return fmt.Errorf("--bits %d: Kayle requires at least %d", o.Bits, kayle.MinRSABits)
 	}
 	if o.Bits > keygenMaxBits {
 		return fmt.Errorf("--bits %d: at most %d (larger keys make every delivery slow to decrypt)", o.Bits, keygenMaxBits)
 	}
 	if o.KID == "" {
-		o.KID = "k" + time.Now().UTC().Format("20060102") + "-" + randomHex(3)
+		o.KID = "k" + time.Now().UTC().Format("20060102") + "-" + kayle.RandomHex(3)
 	}
 	if !keygenKIDPattern.MatchString(o.KID) {
 		return fmt.Errorf("--kid %q: use letters, digits, '.', '_' and '-' (at most 64, not starting with '.', '_' or '-')", o.KID)

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/go-jose/go-jose/v4"
 )
 
@@ -76,7 +77,7 @@ func TestKeygenCommandWritesKeyAndPrintsJWK(t *testing.T) {
 		t.Errorf("key file is not a PKCS#8 PEM: %.40q", pemData)
 	}
 	// the gateway reads it, and the JWK is its public half
-	key, _, err := loadPrivateKeyFile(path)
+	key, _, err := kayle.LoadPrivateKeyFile(path)
 	if err != nil {
 		t.Fatalf("the gateway cannot load the key: %v", err)
 	}
@@ -103,11 +104,11 @@ func TestKeygenCommandWritesKeyAndPrintsJWK(t *testing.T) {
 		h.SigningSecrets = []string{"whsec_not_the_demo_secret_0123456789"} // the demo's would be refused beside k1
 		h.DecryptionKeys = []KeyFile{{KeyID: "k1", File: abs}}
 	})
-	body, err := EncryptDelivery(eventPayload("evt_keygen"), jwk.Key.(*rsa.PublicKey), jwk.KeyID, jose.A256GCM)
+	body, err := kayle.EncryptDelivery(eventPayload("evt_keygen"), jwk.Key.(*rsa.PublicKey), jwk.KeyID, jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, kid, err := h.keys.decrypt(body); err != nil || kid != "k1" {
+	if _, kid, err := h.keys.Decrypt(body); err != nil || kid != "k1" {
 		t.Errorf("a delivery to the printed JWK: kid %q, %v", kid, err)
 	}
 }
@@ -125,7 +126,7 @@ func TestKeygenCommandDefaults(t *testing.T) {
 	if !regexp.MustCompile(`^k[0-9]{8}-[0-9a-f]{6}$`).MatchString(printed.Kid) {
 		t.Errorf("generated kid %q, want k<date>-<6 hex>", printed.Kid)
 	}
-	key, _, err := loadPrivateKeyFile(filepath.Join(dir, printed.Kid+".pem"))
+	key, _, err := kayle.LoadPrivateKeyFile(filepath.Join(dir, printed.Kid+".pem"))
 	if err != nil {
 		t.Fatalf("no key file named after the generated kid: %v", err)
 	}

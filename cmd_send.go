@@ -3,8 +3,6 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/go-jose/go-jose/v4"
@@ -282,7 +281,7 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 	}
 
 	keyFile, demo := defaultPath(o.KeyFile, "KAYLE_KEY_FILE", sendDefaultKeyFile)
-	pub, jwkKID, err := LoadPublicKeyFile(keyFile)
+	pub, jwkKID, err := kayle.LoadPublicKeyFile(keyFile)
 	if err != nil {
 		return nil, fileError(err, keyFile, demo, "--key")
 	}
@@ -295,7 +294,7 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 	case o.KeyFile == "" && os.Getenv("KAYLE_KEY_ID") != "":
 		// the key is $KAYLE_KEY_FILE's, which Caddyfile.example pairs with it
 		p.kid = os.Getenv("KAYLE_KEY_ID")
-	case isDemoKey(pub):
+	case kayle.IsDemoKey(pub):
 		p.kid = sendDefaultKID
 	default:
 		// a guessed kid would only get a 500 from the gateway
@@ -309,11 +308,11 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		p.body = []byte(notAJWE)
 		return p, nil
 	}
-	if p.body, err = EncryptDelivery(p.payload, pub, p.kid, p.enc); err != nil {
+	if p.body, err = kayle.EncryptDelivery(p.payload, pub, p.kid, p.enc); err != nil {
 		return nil, err
 	}
 	if p.corrupt == "ciphertext" {
-		if p.body, err = flipCiphertextByte(p.body); err != nil {
+		if p.body, err = kayle.FlipCiphertextByte(p.body); err != nil {
 			return nil, err
 		}
 	}
@@ -334,13 +333,13 @@ func (p *sendPlan) makePayload(o sendOptions) error {
 		p.payload = payload
 		// best effort, for display and the unsigned X-Kayle-Event header:
 		// the file is sent as is, valid or not
-		if ev, err := parseEvent(payload); err == nil {
+		if ev, err := kayle.ParseEvent(payload); err == nil {
 			p.eventID, p.eventType = ev.ID, ev.Type
 		}
 		if o.EventType != "" {
 			p.eventType = o.EventType
 		}
-		if p.eventType != "" && !headerSafe(p.eventType) {
+		if p.eventType != "" && !kayle.HeaderSafe(p.eventType) {
 			return fmt.Errorf("--type %q cannot be sent in a header", o.EventType)
 		}
 		return nil
@@ -349,17 +348,17 @@ func (p *sendPlan) makePayload(o sendOptions) error {
 	if p.eventType == "" {
 		p.eventType = defaultEventType
 	}
-	if !headerSafe(p.eventType) {
-		return fmt.Errorf("--type %q: must be non-empty, at most %d bytes, no control characters", p.eventType, maxIDLen)
+	if !kayle.HeaderSafe(p.eventType) {
+		return fmt.Errorf("--type %q: must be non-empty, at most %d bytes, no control characters", p.eventType, kayle.MaxIDLen)
 	}
 	p.eventID = o.EventID
 	if p.eventID == "" {
-		p.eventID = "evt_" + randomHex(12)
-	} else if !headerSafe(p.eventID) {
-		return fmt.Errorf("--event-id %q: must be at most %d bytes, no control characters", p.eventID, maxIDLen)
+		p.eventID = "evt_" + kayle.RandomHex(12)
+	} else if !kayle.HeaderSafe(p.eventID) {
+		return fmt.Errorf("--event-id %q: must be at most %d bytes, no control characters", p.eventID, kayle.MaxIDLen)
 	}
 	var err error
-	p.payload, err = samplePayload(p.eventType, p.eventID)
+	p.payload, err = kayle.SamplePayload(p.eventType, p.eventID)
 	return err
 }
 
@@ -370,19 +369,19 @@ func (p *sendPlan) newRequest(ctx context.Context, now time.Time) (*http.Request
 	if p.corrupt == "timestamp" {
 		t = t.Add(-10 * time.Minute) // twice the gateway's default tolerance
 	}
-	sig := SignatureHeaderValue(p.secret, t, p.body)
+	sig := kayle.SignatureHeaderValue(p.secret, t, p.body)
 	if p.corrupt == "signature" {
-		sig = flipLastHexDigit(sig)
+		sig = kayle.FlipLastHexDigit(sig)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url, bytes.NewReader(p.body))
 	if err != nil {
 		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/jose")
-	req.Header.Set(SignatureHeader, sig)
-	req.Header.Set(HeaderDeliveryID, "whd_"+randomHex(12))
+	req.Header.Set(kayle.SignatureHeader, sig)
+	req.Header.Set(kayle.HeaderDeliveryID, "whd_"+kayle.RandomHex(12))
 	if p.eventType != "" {
-		req.Header.Set(HeaderEvent, p.eventType)
+		req.Header.Set(kayle.HeaderEvent, p.eventType)
 	}
 	req.Header.Set("User-Agent", "caddy-kayle-send")
 	return req, nil
@@ -410,7 +409,7 @@ func runSend(ctx context.Context, o sendOptions, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "\n#%d POST %s  %s: %s\n", i, p.url, HeaderDeliveryID, req.Header.Get(HeaderDeliveryID))
+		fmt.Fprintf(out, "\n#%d POST %s  %s: %s\n", i, p.url, kayle.HeaderDeliveryID, req.Header.Get(kayle.HeaderDeliveryID))
 		resp, err := client.Do(req)
 		if err != nil {
 			return fmt.Errorf("%v (is the gateway running? go run ./cmd/caddy run --config Caddyfile.example)", err)
@@ -449,7 +448,7 @@ func (p *sendPlan) describe(out io.Writer) {
 func printResponse(out io.Writer, resp *http.Response) bool {
 	defer resp.Body.Close()
 	fmt.Fprintf(out, "%s %s\n", resp.Proto, resp.Status)
-	for _, name := range []string{HeaderDuplicate, "Location"} {
+	for _, name := range []string{kayle.HeaderDuplicate, "Location"} {
 		if v := resp.Header.Get(name); v != "" {
 			fmt.Fprintf(out, "%s: %s\n", name, v)
 		}
@@ -522,70 +521,6 @@ func fileError(err error, path string, demo bool, flags string) error {
 		return fmt.Errorf("demo file %s not found in %s: run from the repository root or pass %s", path, wd, flags)
 	}
 	return err
-}
-
-// samplePayload is a plaintext shaped as Kayle's for eventType, with obviously
-// fictitious personal data.
-func samplePayload(eventType, eventID string) ([]byte, error) {
-	type metadata struct {
-		ContractVersion int    `json:"contract_version"`
-		EventID         string `json:"event_id"`
-		SessionID       string `json:"verification_session_id"`
-	}
-	var data map[string]any
-	switch eventType {
-	case "verification.session.succeeded":
-		data = map[string]any{
-			"claims": map[string]any{
-				"age_over_18":       true,
-				"date_of_birth":     "1995-04-12",
-				"family_name":       "Curie",
-				"given_names":       "Marie",
-				"kayle_document_id": "kdid_" + randomHex(12),
-			},
-			"selected_field_keys": []string{"age_over_18", "date_of_birth", "family_name", "given_names", "kayle_document_id"},
-		}
-	case "verification.session.failed":
-		data = map[string]any{"failure_code": "liveness_failed", "nfc_tries_used": 1, "liveness_tries_used": 3}
-	case "verification.session.cancelled":
-		data = map[string]any{"outcome": "not_verified", "reason": "cancelled", "nfc_tries_used": 0, "liveness_tries_used": 1}
-	default: // expired, and types this tool does not know: Kayle adds new ones
-		data = map[string]any{}
-	}
-	return json.Marshal(struct {
-		Type     string         `json:"type"`
-		Metadata metadata       `json:"metadata"`
-		Data     map[string]any `json:"data"`
-	}{eventType, metadata{1, eventID, "vs_" + randomHex(12)}, data})
-}
-
-// flipCiphertextByte changes one byte of the JWE ciphertext (the 4th part),
-// decoding and re-encoding so the part stays valid base64url and the change
-// is a real one (not in the last character's padding bits).
-func flipCiphertextByte(jwe []byte) ([]byte, error) {
-	parts := strings.Split(string(jwe), ".")
-	if len(parts) != 5 {
-		return nil, errors.New("the JWE does not have 5 parts")
-	}
-	ct, err := base64.RawURLEncoding.DecodeString(parts[3])
-	if err != nil {
-		return nil, err
-	}
-	if len(ct) == 0 {
-		return nil, errors.New("--corrupt ciphertext: the payload is empty, so there is no ciphertext to corrupt")
-	}
-	ct[len(ct)/2] ^= 0x01
-	parts[3] = base64.RawURLEncoding.EncodeToString(ct)
-	return []byte(strings.Join(parts, ".")), nil
-}
-
-// flipLastHexDigit changes the last character of a signature header (a v1
-// hex digit) to another lowercase hex digit: still well formed, now wrong.
-func flipLastHexDigit(header string) string {
-	const digits = "0123456789abcdef"
-	last := len(header) - 1
-	i := strings.IndexByte(digits, header[last])
-	return header[:last] + string(digits[i^1])
 }
 
 func corruptionNames() string {

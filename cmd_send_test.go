@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -190,14 +191,14 @@ func TestSendCommandDefaultIsForwarded(t *testing.T) {
 	if got := req.Header.Get("Content-Type"); got != "application/jose" {
 		t.Errorf("Content-Type = %q", got)
 	}
-	if got := req.Header.Get(HeaderEvent); got != defaultEventType {
-		t.Errorf("%s = %q, want %q", HeaderEvent, got, defaultEventType)
+	if got := req.Header.Get(kayle.HeaderEvent); got != defaultEventType {
+		t.Errorf("%s = %q, want %q", kayle.HeaderEvent, got, defaultEventType)
 	}
-	if got := req.Header.Get(HeaderDeliveryID); !deliveryIDPattern.MatchString(got) {
-		t.Errorf("%s = %q, want whd_<24 hex>", HeaderDeliveryID, got)
+	if got := req.Header.Get(kayle.HeaderDeliveryID); !deliveryIDPattern.MatchString(got) {
+		t.Errorf("%s = %q, want whd_<24 hex>", kayle.HeaderDeliveryID, got)
 	}
-	if got := req.Header.Get(SignatureHeader); !signaturePattern.MatchString(got) {
-		t.Errorf("%s = %q", SignatureHeader, got)
+	if got := req.Header.Get(kayle.SignatureHeader); !signaturePattern.MatchString(got) {
+		t.Errorf("%s = %q", kayle.SignatureHeader, got)
 	}
 	if got := len(strings.Split(string(p.body), ".")); got != 5 {
 		t.Errorf("body has %d dot-separated parts, want a 5-part compact JWE", got)
@@ -218,13 +219,13 @@ func TestSendCommandDefaultIsForwarded(t *testing.T) {
 		t.Errorf("forwarded body differs from the payload:\n got %s\nwant %s", fwd.body, p.payload)
 	}
 	for name, want := range map[string]string{
-		HeaderEventID:    sample.Metadata.EventID,
-		HeaderEventType:  defaultEventType,
-		HeaderSessionID:  sample.Metadata.SessionID,
-		HeaderKeyID:      sendDefaultKID,
-		HeaderVerified:   "true",
-		HeaderDeliveryID: req.Header.Get(HeaderDeliveryID),
-		"Content-Type":   "application/json",
+		kayle.HeaderEventID:    sample.Metadata.EventID,
+		kayle.HeaderEventType:  defaultEventType,
+		kayle.HeaderSessionID:  sample.Metadata.SessionID,
+		kayle.HeaderKeyID:      sendDefaultKID,
+		kayle.HeaderVerified:   "true",
+		kayle.HeaderDeliveryID: req.Header.Get(kayle.HeaderDeliveryID),
+		"Content-Type":         "application/json",
 	} {
 		if got := fwd.header.Get(name); got != want {
 			t.Errorf("forwarded %s = %q, want %q", name, got, want)
@@ -292,8 +293,8 @@ func TestSendCommandSampleTypes(t *testing.T) {
 				}
 			}
 			fwd := g.lastForwarded(t)
-			if !bytes.Equal(fwd.body, p.payload) || fwd.header.Get(HeaderEventType) != eventType {
-				t.Errorf("forwarded %s %s", fwd.header.Get(HeaderEventType), fwd.body)
+			if !bytes.Equal(fwd.body, p.payload) || fwd.header.Get(kayle.HeaderEventType) != eventType {
+				t.Errorf("forwarded %s %s", fwd.header.Get(kayle.HeaderEventType), fwd.body)
 			}
 		})
 	}
@@ -342,15 +343,15 @@ func TestSendCommandCorruptionsAreMinimal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	good := SignatureHeaderValue(secret, now, p.body)
-	bad := req.Header.Get(SignatureHeader)
+	good := kayle.SignatureHeaderValue(secret, now, p.body)
+	bad := req.Header.Get(kayle.SignatureHeader)
 	if !signaturePattern.MatchString(bad) || bad == good || bad[:len(bad)-1] != good[:len(good)-1] {
 		t.Errorf("corrupt signature %q, want %q with its last digit changed", bad, good)
 	}
 
 	p = mustPlan(t, sendOptions{Corrupt: "timestamp"})
 	req, _ = p.newRequest(context.Background(), now)
-	if got, want := req.Header.Get(SignatureHeader), SignatureHeaderValue(secret, now.Add(-10*time.Minute), p.body); got != want {
+	if got, want := req.Header.Get(kayle.SignatureHeader), kayle.SignatureHeaderValue(secret, now.Add(-10*time.Minute), p.body); got != want {
 		t.Errorf("corrupt timestamp signature %q, want %q", got, want)
 	}
 
@@ -411,7 +412,7 @@ func TestSendCommandRepeatIsOneEvent(t *testing.T) {
 	if err := runSend(context.Background(), sendOptions{URL: g.url, Repeat: 3}, &out); err != nil {
 		t.Fatalf("runSend: %v\n%s", err, out.String())
 	}
-	if n := strings.Count(out.String(), HeaderDuplicate+": true"); n != 2 {
+	if n := strings.Count(out.String(), kayle.HeaderDuplicate+": true"); n != 2 {
 		t.Errorf("%d duplicates reported, want 2:\n%s", n, out.String())
 	}
 	g.mu.Lock()
@@ -424,7 +425,7 @@ func TestSendCommandRepeatIsOneEvent(t *testing.T) {
 		if !bytes.Equal(in.body, g.incoming[0].body) {
 			t.Error("a repeat sent a different body")
 		}
-		deliveryIDs[in.header.Get(HeaderDeliveryID)] = true
+		deliveryIDs[in.header.Get(kayle.HeaderDeliveryID)] = true
 	}
 	if len(deliveryIDs) != 3 {
 		t.Errorf("delivery ids %v, want 3 distinct", deliveryIDs)
@@ -437,10 +438,10 @@ func TestSendCommandRepeatIsResigned(t *testing.T) {
 	now := time.Now()
 	first, _ := p.newRequest(context.Background(), now)
 	retry, _ := p.newRequest(context.Background(), now.Add(5*time.Second))
-	if first.Header.Get(SignatureHeader) == retry.Header.Get(SignatureHeader) {
+	if first.Header.Get(kayle.SignatureHeader) == retry.Header.Get(kayle.SignatureHeader) {
 		t.Error("a retry carries the first attempt's signature")
 	}
-	if first.Header.Get(HeaderDeliveryID) == retry.Header.Get(HeaderDeliveryID) {
+	if first.Header.Get(kayle.HeaderDeliveryID) == retry.Header.Get(kayle.HeaderDeliveryID) {
 		t.Error("a retry carries the first attempt's delivery id")
 	}
 	a, _ := io.ReadAll(first.Body)
@@ -458,7 +459,7 @@ func TestSendCommandRepeatWithoutDedupe(t *testing.T) {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if len(g.forwarded) != 2 || g.forwarded[0].header.Get(HeaderEventID) != g.forwarded[1].header.Get(HeaderEventID) {
+	if len(g.forwarded) != 2 || g.forwarded[0].header.Get(kayle.HeaderEventID) != g.forwarded[1].header.Get(kayle.HeaderEventID) {
 		t.Errorf("want the same event forwarded twice, got %d forwards", len(g.forwarded))
 	}
 }
@@ -473,14 +474,14 @@ func TestSendCommandEventIDOverride(t *testing.T) {
 		if err := runSend(context.Background(), sendOptions{URL: g.url, EventID: id}, &out); err != nil {
 			t.Fatalf("run %d: %v", i+1, err)
 		}
-		if got := strings.Contains(out.String(), HeaderDuplicate+": true"); got != wantDuplicate {
+		if got := strings.Contains(out.String(), kayle.HeaderDuplicate+": true"); got != wantDuplicate {
 			t.Errorf("run %d: duplicate = %v, want %v:\n%s", i+1, got, wantDuplicate, out.String())
 		}
 	}
 	if _, forwarded := g.counts(); forwarded != 1 {
 		t.Errorf("forwarded %d times, want 1", forwarded)
 	}
-	if got := g.lastForwarded(t).header.Get(HeaderEventID); got != id {
+	if got := g.lastForwarded(t).header.Get(kayle.HeaderEventID); got != id {
 		t.Errorf("forwarded event id %q, want %q", got, id)
 	}
 }
@@ -499,29 +500,29 @@ func TestSendCommandPayloadFile(t *testing.T) {
 	if status != http.StatusOK {
 		t.Fatalf("got %d", status)
 	}
-	if got := req.Header.Get(HeaderEvent); got != "verification.attempt.failed" {
-		t.Errorf("%s = %q, want the payload's type", HeaderEvent, got)
+	if got := req.Header.Get(kayle.HeaderEvent); got != "verification.attempt.failed" {
+		t.Errorf("%s = %q, want the payload's type", kayle.HeaderEvent, got)
 	}
 	fwd := g.lastForwarded(t)
-	if !bytes.Equal(fwd.body, payload) || fwd.header.Get(HeaderEventID) != "evt_from_file" {
-		t.Errorf("forwarded %s %s, want the file as is", fwd.header.Get(HeaderEventID), fwd.body)
+	if !bytes.Equal(fwd.body, payload) || fwd.header.Get(kayle.HeaderEventID) != "evt_from_file" {
+		t.Errorf("forwarded %s %s, want the file as is", fwd.header.Get(kayle.HeaderEventID), fwd.body)
 	}
 
 	// --type with --payload sets only the unsigned header, which the gateway overwrites
 	p = mustPlan(t, sendOptions{URL: g.url, PayloadFile: file, EventType: "forged.type"})
 	req, status, _ = sendOnce(t, p)
-	if status != http.StatusOK || req.Header.Get(HeaderEvent) != "forged.type" {
-		t.Fatalf("got %d with %s %q", status, HeaderEvent, req.Header.Get(HeaderEvent))
+	if status != http.StatusOK || req.Header.Get(kayle.HeaderEvent) != "forged.type" {
+		t.Fatalf("got %d with %s %q", status, kayle.HeaderEvent, req.Header.Get(kayle.HeaderEvent))
 	}
-	if got := g.lastForwarded(t).header.Get(HeaderEvent); got != "verification.attempt.failed" {
-		t.Errorf("forwarded %s = %q, want the decrypted type", HeaderEvent, got)
+	if got := g.lastForwarded(t).header.Get(kayle.HeaderEvent); got != "verification.attempt.failed" {
+		t.Errorf("forwarded %s = %q, want the decrypted type", kayle.HeaderEvent, got)
 	}
 }
 
 func TestSendCommandKeyFiles(t *testing.T) {
 	clearKayleEnv(t)
 	g := newSendGateway(t, false)
-	priv, _, err := loadPrivateKeyFile(sendDefaultKeyFile)
+	priv, _, err := kayle.LoadPrivateKeyFile(sendDefaultKeyFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -575,7 +576,7 @@ func TestSendCommandKeyFiles(t *testing.T) {
 			}
 		})
 	}
-	if got := g.lastForwarded(t).header.Get(HeaderKeyID); got != sendDefaultKID {
+	if got := g.lastForwarded(t).header.Get(kayle.HeaderKeyID); got != sendDefaultKID {
 		t.Errorf("a kid-less delivery was decrypted with %q", got)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // The sweep command deletes, at once, the records older than the handler's
@@ -48,10 +50,10 @@ func TestSweepCommandDeletesExpiredRecordsNow(t *testing.T) {
 		t.Errorf("output:\n%s\nwant the storage and \"deleted 1 of 2 records\"", out)
 	}
 	calls := backend.Calls()
-	if res := deliver("evt_old", clock.Now()); res.Rec.Header().Get(HeaderDuplicate) != "" || backend.Calls() != calls+1 {
+	if res := deliver("evt_old", clock.Now()); res.Rec.Header().Get(kayle.HeaderDuplicate) != "" || backend.Calls() != calls+1 {
 		t.Error("the swept event was not forwarded again")
 	}
-	if res := deliver("evt_new", clock.Now()); res.Rec.Header().Get(HeaderDuplicate) != "true" {
+	if res := deliver("evt_new", clock.Now()); res.Rec.Header().Get(kayle.HeaderDuplicate) != "true" {
 		t.Error("the fresh event's record did not survive the sweep")
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
@@ -263,7 +264,7 @@ func (d *deduper) answerDuplicate(w http.ResponseWriter, r *http.Request, eventI
 	repl.Set("http.kayle.duplicate", true)
 	countRequest("duplicate")
 	d.logger.Debug("duplicate delivery acknowledged, not forwarded", zap.String("event_id", eventID))
-	return acknowledge(w, HeaderDuplicate, "duplicate", eventID)
+	return acknowledge(w, kayle.HeaderDuplicate, "duplicate", eventID)
 }
 
 // isDelivered reports whether rec says the event was delivered within the

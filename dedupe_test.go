@@ -24,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
@@ -346,8 +347,8 @@ func assertDuplicate(t *testing.T, res served, eventID string) {
 	if res.Err != nil || res.Rec.Code != http.StatusOK {
 		t.Fatalf("duplicate: status %d, error %v; want 200 and no error", res.Rec.Code, res.Err)
 	}
-	if got := res.Rec.Header().Get(HeaderDuplicate); got != "true" {
-		t.Errorf("%s = %q, want true", HeaderDuplicate, got)
+	if got := res.Rec.Header().Get(kayle.HeaderDuplicate); got != "true" {
+		t.Errorf("%s = %q, want true", kayle.HeaderDuplicate, got)
 	}
 	if got := res.Rec.Header().Get("Content-Type"); got != "application/json" {
 		t.Errorf("Content-Type = %q, want application/json", got)
@@ -377,8 +378,8 @@ func assertForwardedOK(t *testing.T, res served) {
 	if res.Err != nil || res.Rec.Code != http.StatusOK || res.Rec.Body.String() != "ok" {
 		t.Fatalf("forward: status %d body %q error %v; want the backend's 200 ok", res.Rec.Code, res.Rec.Body, res.Err)
 	}
-	if res.Rec.Header().Get(HeaderDuplicate) != "" {
-		t.Errorf("a forwarded event's answer carries %s", HeaderDuplicate)
+	if res.Rec.Header().Get(kayle.HeaderDuplicate) != "" {
+		t.Errorf("a forwarded event's answer carries %s", kayle.HeaderDuplicate)
 	}
 	if dup, _ := res.Repl.Get("http.kayle.duplicate"); dup != false {
 		t.Errorf("{http.kayle.duplicate} = %v, want false", dup)
@@ -504,8 +505,8 @@ func TestDedupeClaimCommitRelease(t *testing.T) {
 			clock.Advance(time.Hour)
 			res := deliverEvent(d, id, backend)
 			assertDuplicate(t, res, id)
-			if got := res.Rec.Header().Get(HeaderEventID); got != id {
-				t.Errorf("%s = %q, want %q", HeaderEventID, got, id)
+			if got := res.Rec.Header().Get(kayle.HeaderEventID); got != id {
+				t.Errorf("%s = %q, want %q", kayle.HeaderEventID, got, id)
 			}
 			if backend.Calls() != 1 {
 				t.Errorf("backend called %d times after a duplicate, want 1", backend.Calls())
@@ -1060,7 +1061,7 @@ func TestDedupeHelperProcess(t *testing.T) {
 			if res.Err != nil || res.Rec.Code != http.StatusOK {
 				t.Errorf("copy answered %d: %v", res.Rec.Code, res.Err)
 			}
-			if res.Rec.Header().Get(HeaderDuplicate) == "true" {
+			if res.Rec.Header().Get(kayle.HeaderDuplicate) == "true" {
 				mu.Lock()
 				duplicates++
 				mu.Unlock()
@@ -1513,7 +1514,7 @@ func TestDedupeEventIDHashed(t *testing.T) {
 			if res.Status != http.StatusOK {
 				t.Fatalf("%q: status %d (%v)", id, res.Status, res.Err)
 			}
-			if dup := res.Rec.Header().Get(HeaderDuplicate) == "true"; dup != (round == 1) {
+			if dup := res.Rec.Header().Get(kayle.HeaderDuplicate) == "true"; dup != (round == 1) {
 				t.Errorf("round %d, %q: duplicate = %v", round, id, dup)
 			}
 		}
@@ -1662,8 +1663,8 @@ func TestProvisionDedupe(t *testing.T) {
 		backend := &testBackend{}
 		body, sig := signDelivery(t, eventPayload("evt_no_dedupe"), time.Now())
 		for range 3 {
-			if res := serve(h, deliveryRequest(body, sig), backend); res.Status != http.StatusOK || res.Rec.Header().Get(HeaderDuplicate) != "" {
-				t.Fatalf("status %d, %s %q", res.Status, HeaderDuplicate, res.Rec.Header().Get(HeaderDuplicate))
+			if res := serve(h, deliveryRequest(body, sig), backend); res.Status != http.StatusOK || res.Rec.Header().Get(kayle.HeaderDuplicate) != "" {
+				t.Fatalf("status %d, %s %q", res.Status, kayle.HeaderDuplicate, res.Rec.Header().Get(kayle.HeaderDuplicate))
 			}
 		}
 		if backend.Calls() != 3 {
@@ -1736,7 +1737,7 @@ func BenchmarkDedupeFileSystemDuplicate(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		w := httptest.NewRecorder()
-		if err := d.deliverOnce(w, req, next, "evt_bench_dup"); err != nil || w.Header().Get(HeaderDuplicate) != "true" {
+		if err := d.deliverOnce(w, req, next, "evt_bench_dup"); err != nil || w.Header().Get(kayle.HeaderDuplicate) != "true" {
 			b.Fatalf("not a duplicate: %v", err)
 		}
 	}
@@ -1758,19 +1759,19 @@ func BenchmarkDedupeReferenceDecryptRSA4096(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var kr keyRing
-	if err := kr.add("k4096", key); err != nil {
+	var kr kayle.KeyRing
+	if err := kr.Add("k4096", key); err != nil {
 		b.Fatal(err)
 	}
 	payload := eventPayload("evt_bench_rsa")
 	payload = append(payload[:len(payload)-1], []byte(`,"pad":"`+strings.Repeat("x", 1024-len(payload)-10)+`"}`)...)
-	body, err := EncryptDelivery(payload, &key.PublicKey, "k4096", jose.A256GCM)
+	body, err := kayle.EncryptDelivery(payload, &key.PublicKey, "k4096", jose.A256GCM)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.ResetTimer()
 	for range b.N {
-		if _, _, err := kr.decrypt(body); err != nil {
+		if _, _, err := kr.Decrypt(body); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -1808,7 +1809,7 @@ func TestForwardOutlivesTheSender(t *testing.T) {
 	if !hasRecord(d, "evt_slow") {
 		t.Fatal("a 2xx after the sender hung up was not remembered")
 	}
-	if res := deliverEvent(d, "evt_slow", backend); res.Rec.Header().Get(HeaderDuplicate) != "true" || backend.Calls() != 1 {
+	if res := deliverEvent(d, "evt_slow", backend); res.Rec.Header().Get(kayle.HeaderDuplicate) != "true" || backend.Calls() != 1 {
 		t.Errorf("retry: status %d, %d forwards", res.Status, backend.Calls())
 	}
 }
@@ -2002,7 +2003,7 @@ func TestAnswerNotHeldBackByTheRecordWrite(t *testing.T) {
 	if err := <-handled; err != nil {
 		t.Fatal(err)
 	}
-	if a := <-retry; a.err != nil || a.res.Header.Get(HeaderDuplicate) != "true" {
+	if a := <-retry; a.err != nil || a.res.Header.Get(kayle.HeaderDuplicate) != "true" {
 		t.Errorf("the retry was not answered as a duplicate: %+v", a)
 	} else {
 		a.res.Body.Close()

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -24,22 +25,22 @@ func TestDemoFingerprintsMatchTestdata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !isDemoKey(&key.PublicKey) {
+	if !kayle.IsDemoKey(&key.PublicKey) {
 		t.Error("the key in testdata/demo is not recognized: update demoModulusSHA256")
 	}
 	raw, err := os.ReadFile(demoSecretFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !isDemoSecret(raw) || !isDemoSecret([]byte(demoSecret(t))) {
+	if !kayle.IsDemoSecret(raw) || !kayle.IsDemoSecret([]byte(demoSecret(t))) {
 		t.Error("the secret in testdata/demo is not recognized: update demoSecretHMACKey")
 	}
 
-	other, _, err := loadPrivateKeyFile(filepath.Join(vectorsDir, "keys/k1.pkcs8.pem"))
+	other, _, err := kayle.LoadPrivateKeyFile(filepath.Join(vectorsDir, "keys/k1.pkcs8.pem"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if isDemoKey(&other.PublicKey) || isDemoSecret([]byte(demoSecret(t)+"x")) {
+	if kayle.IsDemoKey(&other.PublicKey) || kayle.IsDemoSecret([]byte(demoSecret(t)+"x")) {
 		t.Error("material of one's own is taken for the demo's")
 	}
 }
@@ -259,7 +260,7 @@ func TestUnsetVariableInCaddyfile(t *testing.T) {
 // later change might). A secret that signs otherwise is not.
 func TestDemoSecretIsRecognizedAsHMACUsesIt(t *testing.T) {
 	demo := demoSecret(t)
-	mac := func(secret string) []byte { return signatureMAC([]byte(secret), "1780000000", []byte("body")) }
+	mac := func(secret string) []byte { return kayle.SignatureMAC([]byte(secret), "1780000000", []byte("body")) }
 	ownKey := ownKeyFile(t)
 	for name, secret := range map[string]string{
 		"one NUL":           demo + "\x00",
@@ -268,7 +269,7 @@ func TestDemoSecretIsRecognizedAsHMACUsesIt(t *testing.T) {
 		if !bytes.Equal(mac(secret), mac(demo)) {
 			t.Fatalf("%s: the test's premise: it signs as the demo secret", name)
 		}
-		if !isDemoSecret([]byte(secret)) {
+		if !kayle.IsDemoSecret([]byte(secret)) {
 			t.Errorf("%s: not recognized as the demo secret", name)
 		}
 		h := &Handler{DecryptionKeys: []KeyFile{{KeyID: "k1", File: ownKey}}}
@@ -292,14 +293,14 @@ func TestDemoSecretIsRecognizedAsHMACUsesIt(t *testing.T) {
 		if bytes.Equal(mac(secret), mac(demo)) {
 			t.Fatalf("%s: the test's premise: it signs otherwise", name)
 		}
-		if isDemoSecret([]byte(secret)) {
+		if kayle.IsDemoSecret([]byte(secret)) {
 			t.Errorf("%s: taken for the demo secret", name)
 		}
 	}
 	// a secret longer than the block is keyed by its SHA-256: the two sign alike
 	long := []byte(strings.Repeat("whsec_long_", 8))
 	hashed := sha256.Sum256(long)
-	if !bytes.Equal(signatureMAC(long, "1", nil), signatureMAC(hashed[:], "1", nil)) || hmacKeyFingerprint(long) != hmacKeyFingerprint(hashed[:]) {
+	if !bytes.Equal(kayle.SignatureMAC(long, "1", nil), kayle.SignatureMAC(hashed[:], "1", nil)) || kayle.HMACKeyFingerprint(long) != kayle.HMACKeyFingerprint(hashed[:]) {
 		t.Error("a long secret and its SHA-256 sign alike but have two fingerprints")
 	}
 }

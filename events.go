@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"go.uber.org/zap"
 )
 
@@ -34,7 +35,7 @@ func (h *Handler) wantsType(typ string) bool {
 // answerIgnored acknowledges a delivery of a type outside the allowlist with
 // 200: nothing is forwarded and nothing is remembered, so a later change of
 // the allowlist lets a replay of it through.
-func (h *Handler) answerIgnored(w http.ResponseWriter, ev event, kid, deliveryID string) error {
+func (h *Handler) answerIgnored(w http.ResponseWriter, ev kayle.Event, kid, deliveryID string) error {
 	countRequest("ignored")
 	h.logger.Info("event type not in the events allowlist; acknowledged, not forwarded",
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),

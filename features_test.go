@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/go-jose/go-jose/v4"
@@ -94,9 +95,9 @@ func TestEventsAllowlist(t *testing.T) {
 	// the same storage, no allowlist: the ignored event was not remembered
 	all := newTestHandler(t, func(h *Handler) { h.StorageRaw = storage })
 	res = serve(all, makeDelivery(t, failed, time.Now()), backend)
-	if res.Status != http.StatusOK || res.Rec.Header().Get(HeaderDuplicate) != "" || backend.Calls() != 3 {
+	if res.Status != http.StatusOK || res.Rec.Header().Get(kayle.HeaderDuplicate) != "" || backend.Calls() != 3 {
 		t.Errorf("replay after the allowlist changed: status %d, duplicate %q, %d forwards",
-			res.Status, res.Rec.Header().Get(HeaderDuplicate), backend.Calls())
+			res.Status, res.Rec.Header().Get(kayle.HeaderDuplicate), backend.Calls())
 	}
 }
 
@@ -105,7 +106,7 @@ func TestEventsAllowlist(t *testing.T) {
 func TestEventsAllowlistAfterVerification(t *testing.T) {
 	h := newTestHandler(t, func(h *Handler) { h.Events = []string{"verification.session.succeeded"} })
 	body, _ := signDelivery(t, typedPayload("evt_f", "verification.session.failed"), time.Now())
-	forged := deliveryRequest(body, SignatureHeaderValue([]byte("whsec_attacker_guess_000000000"), time.Now(), body))
+	forged := deliveryRequest(body, kayle.SignatureHeaderValue([]byte("whsec_attacker_guess_000000000"), time.Now(), body))
 	if res := serve(h, forged, &testBackend{}); res.Status != http.StatusBadRequest {
 		t.Errorf("forged delivery of an ignored type: %d", res.Status)
 	}
@@ -163,7 +164,7 @@ func TestNoSignatureRefusedBeforeTheBody(t *testing.T) {
 		counted := &countingBody{r: bytes.NewReader(body)}
 		req := deliveryRequest(nil, sigHeader)
 		if sigHeader == "" {
-			req.Header.Del(SignatureHeader)
+			req.Header.Del(kayle.SignatureHeader)
 		}
 		req.Body, req.ContentLength = counted, int64(len(body))
 		res := serve(h, req, &testBackend{})
@@ -233,23 +234,23 @@ func TestKeyAndSecretMetrics(t *testing.T) {
 	for _, p := range []string{phaseVerify, phaseDecrypt, phaseForward} {
 		phasesBefore[p] = histogramCount(t, p)
 	}
-	keys, err := loadJWKSFile(vectorsDir + "/keys/private.jwks.json")
+	keys, err := kayle.LoadJWKSFile(vectorsDir + "/keys/private.jwks.json")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var k2 *rsa.PublicKey
 	for _, k := range keys {
-		if k.kid == "k2" {
-			k2 = &k.key.PublicKey
+		if k.KID == "k2" {
+			k2 = &k.Private.PublicKey
 		}
 	}
 	backend := &testBackend{}
 	for i := range 3 {
-		body, err := EncryptDelivery(eventPayload("evt_metrics_"+strconv.Itoa(i)), k2, "k2", jose.A256GCM)
+		body, err := kayle.EncryptDelivery(eventPayload("evt_metrics_"+strconv.Itoa(i)), k2, "k2", jose.A256GCM)
 		if err != nil {
 			t.Fatal(err)
 		}
-		res := serve(h, deliveryRequest(body, SignatureHeaderValue([]byte(oldSecret), time.Now(), body)), backend)
+		res := serve(h, deliveryRequest(body, kayle.SignatureHeaderValue([]byte(oldSecret), time.Now(), body)), backend)
 		if res.Status != http.StatusOK {
 			t.Fatalf("status %d: %v", res.Status, res.Err)
 		}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -17,11 +18,11 @@ import (
 // reference libraries publish: a backend's library accepts our signature
 // only if the key decoding, the signed content and the encoding all match.
 func TestForwardSignatureKnownAnswer(t *testing.T) {
-	key, err := parseForwardSecret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+	key, err := standardwebhooks.ParseSecret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := forwardSignature([][]byte{key}, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", []byte(`{"test": 2432232314}`))
+	got := standardwebhooks.Signature([][]byte{key}, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", []byte(`{"test": 2432232314}`))
 	if want := "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="; got != want {
 		t.Errorf("got %s, want %s", got, want)
 	}
@@ -38,7 +39,7 @@ func TestParseForwardSecretRefuses(t *testing.T) {
 		"short key":      "whsec_" + base64.StdEncoding.EncodeToString([]byte("sixteen byte key")),
 		"internal space": "whsec_" + payload[:16] + " " + payload[16:],
 	} {
-		_, err := parseForwardSecret(secret)
+		_, err := standardwebhooks.ParseSecret(secret)
 		if err == nil {
 			t.Errorf("%s: accepted", name)
 			continue
@@ -49,7 +50,7 @@ func TestParseForwardSecretRefuses(t *testing.T) {
 	}
 	// padding is optional
 	unpadded := "whsec_" + base64.RawStdEncoding.EncodeToString([]byte("twenty-five bytes of key!"))
-	if _, err := parseForwardSecret(unpadded); err != nil {
+	if _, err := standardwebhooks.ParseSecret(unpadded); err != nil {
 		t.Errorf("unpadded secret refused: %v", err)
 	}
 }
@@ -89,7 +90,7 @@ func TestForwardIsSignedForTheBackend(t *testing.T) {
 	req := makeDelivery(t, eventPayload("evt_signed"), clock.Now())
 	// a forged signature made with a key of the attacker's own must not survive
 	forged := http.Header{"Webhook-Id": {"evt_signed"}, "Webhook-Timestamp": {"1780000000"}}
-	forged.Set("Webhook-Signature", forwardSignature([][]byte{otherKey}, "evt_signed", "1780000000", eventPayload("evt_signed")))
+	forged.Set("Webhook-Signature", standardwebhooks.Signature([][]byte{otherKey}, "evt_signed", "1780000000", eventPayload("evt_signed")))
 	for name, values := range forged {
 		req.Header[name] = values
 	}
@@ -143,7 +144,7 @@ func TestInboundWebhookHeadersDroppedWhenUnsigned(t *testing.T) {
 		t.Fatalf("status %d, %d forwards, %v", res.Status, backend.Calls(), res.Err)
 	}
 	for name := range backend.Request(0).Header {
-		if isStandardWebhooksHeader(name) {
+		if standardwebhooks.IsHeader(name) {
 			t.Errorf("inbound %s reached the backend", name)
 		}
 	}

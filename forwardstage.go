@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
@@ -24,7 +25,7 @@ type forwardStage struct {
 func (f *forwardStage) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 	f.called = true
 	if len(f.h.forwardKeys) > 0 {
-		signForward(r.Header, f.h.forwardKeys, f.eventID, f.h.now(), f.body)
+		standardwebhooks.Sign(r.Header, f.h.forwardKeys, f.eventID, f.h.now(), f.body)
 	}
 	start := time.Now()
 	defer func() { // also when next panics (reverse_proxy's ErrAbortHandler)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"go.uber.org/zap"
 )
 
@@ -23,7 +24,7 @@ func FuzzHandler(f *testing.F) {
 	m := loadVectors(f)
 	for _, c := range m.Cases {
 		body := readVectorFile(f, c.Request.BodyFile)
-		f.Add(body, c.Request.Headers[SignatureHeader], c.Request.Headers[HeaderDeliveryID], false)
+		f.Add(body, c.Request.Headers[kayle.SignatureHeader], c.Request.Headers[kayle.HeaderDeliveryID], false)
 		f.Add(body, "", "whd_x", true)
 	}
 	secret, err := os.ReadFile(filepath.Join(vectorsDir, m.SecretFile))
@@ -43,12 +44,12 @@ func FuzzHandler(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, body []byte, sigHeader, deliveryID string, sign bool) {
 		if sign {
-			sigHeader = SignatureHeaderValue(secret, now, body)
+			sigHeader = kayle.SignatureHeaderValue(secret, now, body)
 		}
 		req := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(body))
-		req.Header.Set(SignatureHeader, sigHeader)
-		req.Header.Set(HeaderDeliveryID, deliveryID)
-		req.Header.Set(HeaderVerified, "spoofed")
+		req.Header.Set(kayle.SignatureHeader, sigHeader)
+		req.Header.Set(kayle.HeaderDeliveryID, deliveryID)
+		req.Header.Set(kayle.HeaderVerified, "spoofed")
 		backend := &testBackend{}
 		res := serve(h, req, backend)
 		if !allowed[res.Status] {
@@ -60,19 +61,19 @@ func FuzzHandler(f *testing.F) {
 			}
 			return
 		}
-		if !sign && sigHeader != SignatureHeaderValue(secret, now, body) {
+		if !sign && sigHeader != kayle.SignatureHeaderValue(secret, now, body) {
 			// reaching next needs a valid signature; a random one must not
-			if _, err := verifySignature(sigHeader, body, [][]byte{secret}, now, 5*time.Minute); err != nil {
+			if _, err := kayle.VerifySignature(sigHeader, body, [][]byte{secret}, now, 5*time.Minute); err != nil {
 				t.Fatalf("forwarded with an invalid signature: %v", err)
 			}
 		}
 		got := backend.Request(0)
-		plaintext, _, err := h.keys.decrypt(body)
+		plaintext, _, err := h.keys.Decrypt(body)
 		if err != nil || !bytes.Equal(got.Body, plaintext) {
 			t.Fatal("forwarded body is not the decryption of the delivery")
 		}
-		ev, err := parseEvent(plaintext)
-		if err != nil || got.Header.Get(HeaderEventID) != ev.ID || got.Header.Get(HeaderVerified) != "true" {
+		ev, err := kayle.ParseEvent(plaintext)
+		if err != nil || got.Header.Get(kayle.HeaderEventID) != ev.ID || got.Header.Get(kayle.HeaderVerified) != "true" {
 			t.Fatalf("forwarded headers do not match the payload: %v", err)
 		}
 		for name := range got.Header {

@@ -30,47 +30,29 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/go-jose/go-jose/v4"
 )
 
-// The published demo material (testdata/demo/README.md).
-const (
-	demoKID        = "demo"
-	demoKeyFile    = "testdata/demo/demo-key.pem"
-	demoSecretFile = "testdata/demo/demo-secret.txt"
+// The published demo material (testdata/demo/README.md) and the sample
+// payload, shared with the other packages' tests.
+const demoKID = kayletest.DemoKID
+
+var (
+	demoKeyFile    = kayletest.DemoKeyFile
+	demoSecretFile = kayletest.DemoSecretFile
+	demoSecret     = kayletest.DemoSecret
+	demoKey        = kayletest.LoadDemoKey
+	demoPublicKey  = kayletest.DemoPublicKey
+	eventPayload   = kayletest.EventPayload
 )
-
-// demoSecret is the demo signing secret, as the handler reads it.
-func demoSecret(t testing.TB) string {
-	t.Helper()
-	data, err := os.ReadFile(demoSecretFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return strings.TrimSpace(string(data))
-}
-
-var demoKey = sync.OnceValues(func() (*rsa.PrivateKey, error) {
-	key, _, err := loadPrivateKeyFile(demoKeyFile)
-	return key, err
-})
-
-// demoPublicKey is the public half of testdata/demo/demo-key.pem (kid "demo").
-func demoPublicKey(t testing.TB) *rsa.PublicKey {
-	t.Helper()
-	key, err := demoKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &key.PublicKey
-}
 
 // fileStorageJSON is a StorageRaw value selecting Caddy's file_system storage
 // rooted at root, as a JSON config would.
@@ -115,38 +97,17 @@ func provisionTestHandler(t testing.TB, h *Handler) error {
 	return h.Validate()
 }
 
-// eventPayload is the plaintext of a verification.session.succeeded event
-// with the given metadata.event_id.
-func eventPayload(eventID string) []byte {
-	payload, err := json.Marshal(map[string]any{
-		"type": "verification.session.succeeded",
-		"metadata": map[string]any{
-			"contract_version":        1,
-			"event_id":                eventID,
-			"verification_session_id": "vs_test",
-		},
-		"data": map[string]any{
-			"claims":              map[string]any{"age_over_18": true},
-			"selected_field_keys": []string{"age_over_18"},
-		},
-	})
-	if err != nil {
-		panic(err)
-	}
-	return payload
-}
-
 // signDelivery makes a delivery body as Kayle does (payload encrypted to the
 // demo key with A256GCM, kid "demo") and its X-Kayle-Signature value, made
 // with the demo secret at signedAt. Requests built from them with
 // deliveryRequest are copies of one delivery.
 func signDelivery(t testing.TB, payload []byte, signedAt time.Time) (body []byte, signatureHeader string) {
 	t.Helper()
-	body, err := EncryptDelivery(payload, demoPublicKey(t), demoKID, jose.A256GCM)
+	body, err := kayle.EncryptDelivery(payload, demoPublicKey(t), demoKID, jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return body, SignatureHeaderValue([]byte(demoSecret(t)), signedAt, body)
+	return body, kayle.SignatureHeaderValue([]byte(demoSecret(t)), signedAt, body)
 }
 
 // deliveryRequest is a POST of body with Kayle's headers. It has no replacer
@@ -154,9 +115,9 @@ func signDelivery(t testing.TB, payload []byte, signedAt time.Time) (body []byte
 func deliveryRequest(body []byte, signatureHeader string) *http.Request {
 	req := httptest.NewRequest(http.MethodPost, "/kayle", bytes.NewReader(body))
 	req.Header.Set("Content-Type", "application/jose")
-	req.Header.Set(SignatureHeader, signatureHeader)
-	req.Header.Set(HeaderDeliveryID, "whd_test")
-	req.Header.Set(HeaderEvent, "verification.session.succeeded")
+	req.Header.Set(kayle.SignatureHeader, signatureHeader)
+	req.Header.Set(kayle.HeaderDeliveryID, "whd_test")
+	req.Header.Set(kayle.HeaderEvent, "verification.session.succeeded")
 	return req
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -566,7 +567,7 @@ func TestLockOneOfManyWaitersTakesOver(t *testing.T) {
 	forwarded := 0
 	for range 4 {
 		res := waitFor(t, results, "a copy")
-		if res.Rec.Header().Get(HeaderDuplicate) == "" {
+		if res.Rec.Header().Get(kayle.HeaderDuplicate) == "" {
 			assertForwardedOK(t, res)
 			forwarded++
 		}

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -122,10 +124,10 @@ type Handler struct {
 	Events []string `json:"events,omitempty"`
 
 	secrets      [][]byte
-	macKeys      *macKeys // secrets, keyed HMACs pooled
+	macKeys      *kayle.MACKeys // secrets, keyed HMACs pooled
 	forwardKeys  [][]byte
 	allowedTypes map[string]bool
-	keys         keyRing
+	keys         kayle.KeyRing
 	tolerance    time.Duration
 	dedupe       *deduper
 	logger       *zap.Logger
@@ -188,9 +190,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionEvents(); err != nil {
 		return fmt.Errorf("%v (JSON events)", err)
 	}
-	kids := make([]string, len(h.keys.keys))
-	for i, k := range h.keys.keys {
-		kids[i] = k.kid
+	kids := make([]string, len(h.keys.Keys))
+	for i, k := range h.keys.Keys {
+		kids[i] = k.KID
 	}
 	if err := registerMetrics(ctx.GetMetricsRegistry(), kids, len(h.secrets)); err != nil {
 		return err
@@ -227,7 +229,7 @@ func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
 	if len(h.secrets) == 0 {
 		return errors.New("no signing_secret (JSON signing_secrets) configured")
 	}
-	h.macKeys = newMACKeys(h.secrets)
+	h.macKeys = kayle.NewMACKeys(h.secrets)
 	return nil
 }
 
@@ -239,7 +241,7 @@ func (h *Handler) provisionForwardKeys(repl *caddy.Replacer) error {
 			// not err itself, which would quote part of a literal secret
 			return fmt.Errorf("forward_signature secret #%d: a placeholder in it is unknown or empty (an unset env var, an unreadable file); a literal secret must not contain '{' (JSON forward_signature_secrets[%d])", i+1, i)
 		}
-		key, err := parseForwardSecret(strings.TrimSpace(secret))
+		key, err := standardwebhooks.ParseSecret(strings.TrimSpace(secret))
 		if err != nil {
 			return fmt.Errorf("forward_signature secret #%d %v (JSON forward_signature_secrets[%d])", i+1, err, i)
 		}
@@ -249,21 +251,21 @@ func (h *Handler) provisionForwardKeys(repl *caddy.Replacer) error {
 }
 
 func (h *Handler) provisionKeys(repl *caddy.Replacer) error {
-	h.keys = keyRing{}
+	h.keys = kayle.KeyRing{}
 	for i, kf := range h.DecryptionKeys {
 		name := fmt.Sprintf("decryption key %q (decryption_key, JSON decryption_keys[%d])", kf.KeyID, i)
 		path, err := repl.ReplaceOrErr(kf.File, true, true)
 		if err != nil {
 			return fmt.Errorf("%s: %v", name, err)
 		}
-		key, fileKID, err := loadPrivateKeyFile(path)
+		key, fileKID, err := kayle.LoadPrivateKeyFile(path)
 		if err != nil {
 			return fmt.Errorf("%s: %v", name, err)
 		}
 		if fileKID != "" && fileKID != kf.KeyID {
 			return fmt.Errorf("%s: the JWK in %s says kid %q", name, path, fileKID)
 		}
-		if err := h.keys.add(kf.KeyID, key); err != nil {
+		if err := h.keys.Add(kf.KeyID, key); err != nil {
 			return fmt.Errorf("%s: %v", name, err)
 		}
 	}
@@ -273,17 +275,17 @@ func (h *Handler) provisionKeys(repl *caddy.Replacer) error {
 		if err != nil {
 			return fmt.Errorf("%s: %v", name, err)
 		}
-		keys, err := loadJWKSFile(path)
+		keys, err := kayle.LoadJWKSFile(path)
 		if err != nil {
 			return fmt.Errorf("%s: %v", name, err)
 		}
 		for _, k := range keys {
-			if err := h.keys.add(k.kid, k.key); err != nil {
+			if err := h.keys.Add(k.KID, k.Private); err != nil {
 				return fmt.Errorf("%s: %v", name, err)
 			}
 		}
 	}
-	if len(h.keys.keys) == 0 {
+	if len(h.keys.Keys) == 0 {
 		return errors.New("no decryption_key (JSON decryption_keys) or decryption_jwks (JSON decryption_jwks) configured")
 	}
 	return nil
@@ -402,8 +404,8 @@ func (h *Handler) Cleanup() error {
 // plaintext request to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (handlerErr error) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	deliveryID := r.Header.Get(HeaderDeliveryID)
-	if !headerSafe(deliveryID) {
+	deliveryID := r.Header.Get(kayle.HeaderDeliveryID)
+	if !kayle.HeaderSafe(deliveryID) {
 		deliveryID = ""
 	}
 	repl.Set("http.kayle.delivery_id", deliveryID)
@@ -416,7 +418,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// The header before the body: a request that cannot be Kayle's is
 	// refused for the price of a header parse, without a 100 Continue or a
 	// byte of its body read. The MAC needs the body, so it is checked after.
-	sig, err := parseSignature(r.Header.Get(SignatureHeader))
+	sig, err := kayle.ParseSignature(r.Header.Get(kayle.SignatureHeader))
 	if err != nil {
 		closeAfterUnreadBody(w, r)
 		return h.reject(r, http.StatusBadRequest, "signature", err, deliveryID)
@@ -432,7 +434,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	start := time.Now()
-	position, err := sig.verify(body, h.macKeys, h.now(), h.tolerance)
+	position, err := sig.Verify(body, h.macKeys, h.now(), h.tolerance)
 	observePhase(phaseVerify, start)
 	if err != nil {
 		return h.reject(r, http.StatusBadRequest, "signature", err, deliveryID)
@@ -440,10 +442,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	countSecretMatch(position)
 
 	start = time.Now()
-	plaintext, kid, err := h.keys.decrypt(body)
+	plaintext, kid, err := h.keys.Decrypt(body)
 	observePhase(phaseDecrypt, start)
 	switch {
-	case errors.Is(err, errUnknownKeyID):
+	case errors.Is(err, kayle.ErrUnknownKeyID):
 		// Kayle signed it, so Kayle encrypted it to a key it knows: ours is missing
 		h.logger.Error("delivery encrypted to a key id with no configured private key; add its decryption_key (Kayle retries for ~32 h)",
 			zap.String("kid", kid), zap.String("delivery_id", deliveryID))
@@ -456,7 +458,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	countKeyUse(kid)
 	setLogFields(r, zap.String("kayle_kid", kid))
 
-	ev, err := parseEvent(plaintext)
+	ev, err := kayle.ParseEvent(plaintext)
 	if err != nil {
 		return h.reject(r, http.StatusUnprocessableEntity, "payload", err, deliveryID)
 	}

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -182,7 +183,7 @@ func TestMethodAndSize(t *testing.T) {
 		}
 	}
 	big := bytes.Repeat([]byte("A"), 64<<10+1)
-	header := SignatureHeaderValue([]byte(demoSecret(t)), time.Now(), big)
+	header := kayle.SignatureHeaderValue([]byte(demoSecret(t)), time.Now(), big)
 	// declared length over the cap, and a chunked body (no length) over it
 	res := serve(h, deliveryRequest(big, header), backend)
 	if res.Status != http.StatusRequestEntityTooLarge {
@@ -211,11 +212,11 @@ func TestRewriteHeaders(t *testing.T) {
 	backend := &testBackend{}
 	payload := eventPayload("evt_real")
 	req := makeDelivery(t, payload, time.Now())
-	req.Header.Set(HeaderEventID, "evt_spoofed")
-	req.Header.Add(HeaderEventID, "evt_spoofed2")
-	req.Header.Set(HeaderVerified, "yes")
-	req.Header.Set(HeaderDuplicate, "false")
-	req.Header.Set(HeaderEvent, "verification.session.failed")
+	req.Header.Set(kayle.HeaderEventID, "evt_spoofed")
+	req.Header.Add(kayle.HeaderEventID, "evt_spoofed2")
+	req.Header.Set(kayle.HeaderVerified, "yes")
+	req.Header.Set(kayle.HeaderDuplicate, "false")
+	req.Header.Set(kayle.HeaderEvent, "verification.session.failed")
 	req.Header.Set("X-Kayle-Anything", "1")
 	req.Header.Set("Content-Encoding", "gzip")
 	req.Header["x-kayle-session-id"] = []string{"vs_lowercase_spoof"} // not canonical
@@ -228,18 +229,18 @@ func TestRewriteHeaders(t *testing.T) {
 		t.Error("body is not the exact plaintext")
 	}
 	want := map[string][]string{
-		HeaderEventID:      {"evt_real"},
-		HeaderEventType:    {"verification.session.succeeded"},
-		HeaderEvent:        {"verification.session.succeeded"},
-		HeaderSessionID:    {"vs_test"},
-		HeaderVerified:     {"true"},
-		HeaderKeyID:        {demoKID},
-		HeaderDeliveryID:   {"whd_test"},
-		"Content-Type":     {"application/json"},
-		HeaderDuplicate:    nil,
-		SignatureHeader:    nil,
-		"X-Kayle-Anything": nil,
-		"Content-Encoding": nil,
+		kayle.HeaderEventID:    {"evt_real"},
+		kayle.HeaderEventType:  {"verification.session.succeeded"},
+		kayle.HeaderEvent:      {"verification.session.succeeded"},
+		kayle.HeaderSessionID:  {"vs_test"},
+		kayle.HeaderVerified:   {"true"},
+		kayle.HeaderKeyID:      {demoKID},
+		kayle.HeaderDeliveryID: {"whd_test"},
+		"Content-Type":         {"application/json"},
+		kayle.HeaderDuplicate:  nil,
+		kayle.SignatureHeader:  nil,
+		"X-Kayle-Anything":     nil,
+		"Content-Encoding":     nil,
 	}
 	for name, values := range want {
 		if g := got.Header.Values(name); strings.Join(g, "|") != strings.Join(values, "|") {
@@ -268,9 +269,9 @@ func TestRewriteHeaders(t *testing.T) {
 // never even parsed as a JWE.
 func TestRejectedWithoutDecrypting(t *testing.T) {
 	h := newTestHandler(t)
-	h.keys = keyRing{} // any decryption attempt would now fail as unknown kid (500)
+	h.keys = kayle.KeyRing{} // any decryption attempt would now fail as unknown kid (500)
 	body, _ := signDelivery(t, eventPayload("evt"), time.Now())
-	forged := deliveryRequest(body, SignatureHeaderValue([]byte("whsec_attacker_guess_000000000"), time.Now(), body))
+	forged := deliveryRequest(body, kayle.SignatureHeaderValue([]byte("whsec_attacker_guess_000000000"), time.Now(), body))
 	backend := &testBackend{}
 	if res := serve(h, forged, backend); res.Status != http.StatusBadRequest {
 		t.Fatalf("forged: %d (a 500 would mean decryption was attempted)", res.Status)
@@ -344,16 +345,16 @@ func TestRewriteDropsHopHeadersAndUnsafeDeliveryID(t *testing.T) {
 	h := newTestHandler(t, func(h *Handler) { h.DedupeDisabled = true })
 	for name, ids := range map[string][]string{
 		"two values":   {"whd_a", "whd_b"},
-		"too long":     {strings.Repeat("w", maxIDLen+1)},
+		"too long":     {strings.Repeat("w", kayle.MaxIDLen+1)},
 		"control char": {"whd_\x01"},
 	} {
 		backend := &testBackend{}
 		req := makeDelivery(t, eventPayload("evt_"+strings.ReplaceAll(name, " ", "_")), time.Now())
 		req.Header.Set("Expect", "100-continue")
 		// reverse_proxy would drop the headers Connection lists, ours too
-		req.Header.Set("Connection", "Upgrade, "+HeaderVerified+", "+HeaderEventID)
+		req.Header.Set("Connection", "Upgrade, "+kayle.HeaderVerified+", "+kayle.HeaderEventID)
 		req.Header.Set("Upgrade", "websocket")
-		req.Header[HeaderDeliveryID] = ids
+		req.Header[kayle.HeaderDeliveryID] = ids
 		if res := serve(h, req, backend); res.Status != http.StatusOK {
 			t.Fatalf("%s: %d %v", name, res.Status, res.Err)
 		}
@@ -367,8 +368,8 @@ func TestRewriteDropsHopHeadersAndUnsafeDeliveryID(t *testing.T) {
 		if name == "two values" {
 			want = []string{"whd_a"}
 		}
-		if v := got.Values(HeaderDeliveryID); strings.Join(v, "|") != strings.Join(want, "|") {
-			t.Errorf("%s: %s = %q, want %q", name, HeaderDeliveryID, v, want)
+		if v := got.Values(kayle.HeaderDeliveryID); strings.Join(v, "|") != strings.Join(want, "|") {
+			t.Errorf("%s: %s = %q, want %q", name, kayle.HeaderDeliveryID, v, want)
 		}
 	}
 }
@@ -497,7 +498,7 @@ func jsonString(s string) string {
 // deliveries, with no refusal and no WARN.
 func TestSigningSecretWithControlByteIsRefused(t *testing.T) {
 	demo := demoSecret(t)
-	if !bytes.Equal(signatureMAC([]byte(demo), "1", []byte("x")), signatureMAC([]byte(demo+"\x00"), "1", []byte("x"))) {
+	if !bytes.Equal(kayle.SignatureMAC([]byte(demo), "1", []byte("x")), kayle.SignatureMAC([]byte(demo+"\x00"), "1", []byte("x"))) {
 		t.Fatal("the test's premise: HMAC signs with the demo secret plus NUL as with the demo secret")
 	}
 	const own = "whsec_own_secret_0123456789abcdef0123"
@@ -529,12 +530,12 @@ func TestSigningSecretWithControlByteIsRefused(t *testing.T) {
 		if err == nil {
 			// what the attacker gets: a delivery signed with the published secret
 			payload := eventPayload("evt_forged_with_demo_secret")
-			body, err := EncryptDelivery(payload, &key.PublicKey, "k-own", jose.A256GCM)
+			body, err := kayle.EncryptDelivery(payload, &key.PublicKey, "k-own", jose.A256GCM)
 			if err != nil {
 				t.Fatal(err)
 			}
 			backend := &testBackend{}
-			serve(h, deliveryRequest(body, SignatureHeaderValue([]byte(demo), time.Now(), body)), backend)
+			serve(h, deliveryRequest(body, kayle.SignatureHeaderValue([]byte(demo), time.Now(), body)), backend)
 			t.Errorf("%s: accepted (a delivery signed with the published demo secret: %d forwards)", name, backend.Calls())
 			continue
 		}

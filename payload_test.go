@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -127,7 +128,7 @@ func TestPayloadCaseVariantsElsewhereAreForwarded(t *testing.T) {
 	if res.Status != http.StatusOK || backend.Calls() != 1 {
 		t.Fatalf("status %d, %d forwards, %v", res.Status, backend.Calls(), res.Err)
 	}
-	if got := backend.Request(0).Header.Get(HeaderEventID); got != "evt_nested" {
+	if got := backend.Request(0).Header.Get(kayle.HeaderEventID); got != "evt_nested" {
 		t.Errorf("event id %q", got)
 	}
 }
@@ -166,39 +167,8 @@ func TestContractVersionMustBeASmallInteger(t *testing.T) {
 			t.Errorf("contract_version %q: status %d, %d forwards, %v", version, res.Status, backend.Calls(), res.Err)
 			continue
 		}
-		if got := backend.Request(0).Header.Get(HeaderContractVersion); got != header {
-			t.Errorf("contract_version %q: %s %q, want %q", version, HeaderContractVersion, got, header)
-		}
-	}
-}
-
-func TestFoldEqual(t *testing.T) {
-	for _, c := range []struct {
-		key, name string
-		want      bool
-	}{
-		{"type", "type", true},
-		{"TYPE", "type", true},
-		{"tyPe", "type", true},
-		{"ty_pe", "type", true},
-		{"-type-", "type", true},
-		{"typ", "type", false},
-		{"types", "type", false},
-		{"tipe", "type", false},
-		{"", "type", false},
-		{"eventId", "event_id", true},
-		{"EVENTID", "event_id", true},
-		{"event__id", "event_id", true},
-		{"event_id_", "event_id", true},
-		{"event_ids", "event_id", false},
-		{"verification_\u017fession_id", "verification_session_id", true}, // ſ folds to s
-		{"\u212aey", "key", true}, // KELVIN SIGN folds to k
-		{"verification_attempt_id", "verification_session_id", false},
-		{"type\xff", "type", false},
-		{"t\u0131pe", "tipe", false}, // dotless ı has no simple fold to i
-	} {
-		if got := foldEqual([]byte(c.key), c.name); got != c.want {
-			t.Errorf("foldEqual(%q, %q) = %v, want %v", c.key, c.name, got, c.want)
+		if got := backend.Request(0).Header.Get(kayle.HeaderContractVersion); got != header {
+			t.Errorf("contract_version %q: %s %q, want %q", version, kayle.HeaderContractVersion, got, header)
 		}
 	}
 }

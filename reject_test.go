@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -21,7 +22,7 @@ func TestRejectionsLoggedSampledCountedAll(t *testing.T) {
 
 	const forged = 200
 	body, _ := signDelivery(t, eventPayload("evt_forged_flood"), time.Now())
-	forgedSig := SignatureHeaderValue([]byte("whsec_the_attackers_own_secret_0123"), time.Now(), body)
+	forgedSig := kayle.SignatureHeaderValue([]byte("whsec_the_attackers_own_secret_0123"), time.Now(), body)
 	began := time.Now()
 	for range forged {
 		if res := serve(h, deliveryRequest(body, forgedSig), &testBackend{}); res.Status != http.StatusBadRequest {

@@ -5,48 +5,17 @@ import (
 	"io"
 	"net/http"
 	"strconv"
-	"strings"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
 	"github.com/caddyserver/caddy/v2"
 )
 
-// Headers the backend receives. Only the gateway sets them: any incoming
-// X-Kayle-* header but X-Kayle-Delivery-Id is removed first, and so is any
-// incoming webhook-* header (the gateway's forward signature, forwardsig.go).
-const (
-	HeaderEventID            = "X-Kayle-Event-Id"
-	HeaderEventType          = "X-Kayle-Event-Type"
-	HeaderSessionID          = "X-Kayle-Session-Id"
-	HeaderContractVersion    = "X-Kayle-Contract-Version"
-	HeaderKeyID              = "X-Kayle-Key-Id"
-	HeaderSignatureTimestamp = "X-Kayle-Signature-Timestamp"
-	HeaderVerified           = "X-Kayle-Verified"
-	HeaderDuplicate          = "X-Kayle-Duplicate"
-	// HeaderEvent is Kayle's own unsigned type header; the gateway overwrites
-	// it with the decrypted type so a backend reading it is not misled.
-	HeaderEvent = "X-Kayle-Event"
-	// HeaderDeliveryID is Kayle's per-attempt id. It is not signed, so it is
-	// passed through as information only.
-	HeaderDeliveryID = "X-Kayle-Delivery-Id"
-)
-
-// isGatewayHeader reports whether an incoming header must be dropped: every
-// X-Kayle-* header but the informative delivery id. Case and '_' for '-' are
-// folded, since CGI-style backends read X_Kayle_Event_Id as X-Kayle-Event-Id
-// and a name net/http cannot canonicalize arrives as sent.
-func isGatewayHeader(name string) bool {
-	if len(name) < len("x-kayle-") {
-		return false
-	}
-	folded := strings.ToLower(strings.ReplaceAll(name, "_", "-"))
-	return strings.HasPrefix(folded, "x-kayle-") && name != HeaderDeliveryID
-}
-
 // rewriteRequest turns the verified delivery into the plaintext request the
 // next handler sees, and publishes the ids as placeholders.
-func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev event, kid, deliveryID string, sig signature) {
+func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev kayle.Event, kid, deliveryID string, sig kayle.Signature) {
 	for name := range r.Header {
-		if isGatewayHeader(name) || isStandardWebhooksHeader(name) {
+		if kayle.IsGatewayHeader(name) || standardwebhooks.IsHeader(name) {
 			delete(r.Header, name)
 		}
 	}
@@ -68,19 +37,19 @@ func rewriteRequest(r *http.Request, repl *caddy.Replacer, plaintext []byte, ev 
 	r.Body = io.NopCloser(bytes.NewReader(plaintext))
 	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(plaintext)), nil }
 
-	h.Set(HeaderEventID, ev.ID)
-	setIfPresent(h, HeaderEventType, ev.Type)
-	setIfPresent(h, HeaderEvent, ev.Type)
-	setIfPresent(h, HeaderSessionID, ev.SessionID)
-	setIfPresent(h, HeaderContractVersion, ev.ContractVersion)
-	setIfPresent(h, HeaderKeyID, kid)
-	h.Set(HeaderSignatureTimestamp, sig.timestamp)
-	h.Set(HeaderVerified, "true")
+	h.Set(kayle.HeaderEventID, ev.ID)
+	setIfPresent(h, kayle.HeaderEventType, ev.Type)
+	setIfPresent(h, kayle.HeaderEvent, ev.Type)
+	setIfPresent(h, kayle.HeaderSessionID, ev.SessionID)
+	setIfPresent(h, kayle.HeaderContractVersion, ev.ContractVersion)
+	setIfPresent(h, kayle.HeaderKeyID, kid)
+	h.Set(kayle.HeaderSignatureTimestamp, sig.Timestamp)
+	h.Set(kayle.HeaderVerified, "true")
 	// informative only; one value, and only one that is safe to log
 	if deliveryID == "" {
-		h.Del(HeaderDeliveryID)
+		h.Del(kayle.HeaderDeliveryID)
 	} else {
-		h.Set(HeaderDeliveryID, deliveryID)
+		h.Set(kayle.HeaderDeliveryID, deliveryID)
 	}
 
 	repl.Set("http.kayle.event_id", ev.ID)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
@@ -240,22 +241,22 @@ func assertForwarded(t *testing.T, m vectorManifest, c vectorCase, seen *forward
 	}
 	sentT := strings.TrimPrefix(strings.Split(c.Request.Headers["X-Kayle-Signature"], ",")[0], "t=")
 	want := map[string]string{
-		"Content-Type":           "application/json",
-		HeaderEventID:            c.Expect.EventID,
-		HeaderEventType:          c.Expect.EventType,
-		HeaderEvent:              c.Expect.EventType,
-		HeaderSessionID:          c.Expect.SessionID,
-		HeaderVerified:           "true",
-		HeaderSignatureTimestamp: sentT,
-		HeaderDeliveryID:         c.Request.Headers[HeaderDeliveryID],
-		SignatureHeader:          "",
+		"Content-Type":                 "application/json",
+		kayle.HeaderEventID:            c.Expect.EventID,
+		kayle.HeaderEventType:          c.Expect.EventType,
+		kayle.HeaderEvent:              c.Expect.EventType,
+		kayle.HeaderSessionID:          c.Expect.SessionID,
+		kayle.HeaderVerified:           "true",
+		kayle.HeaderSignatureTimestamp: sentT,
+		kayle.HeaderDeliveryID:         c.Request.Headers[kayle.HeaderDeliveryID],
+		kayle.SignatureHeader:          "",
 	}
 	if c.Expect.EventType == "" {
-		delete(want, HeaderEventType)
-		delete(want, HeaderEvent)
+		delete(want, kayle.HeaderEventType)
+		delete(want, kayle.HeaderEvent)
 	}
 	if c.Expect.SessionID == "" {
-		delete(want, HeaderSessionID)
+		delete(want, kayle.HeaderSessionID)
 	}
 	for name, value := range want {
 		if got := seen.Header.Values(name); value == "" && len(got) != 0 || value != "" && (len(got) != 1 || got[0] != value) {
@@ -263,16 +264,16 @@ func assertForwarded(t *testing.T, m vectorManifest, c vectorCase, seen *forward
 		}
 	}
 	// the kid in the JWE header, or for a JWE without one, a key we hold
-	if kids := seen.Header.Values(HeaderKeyID); len(kids) != 1 || kids[0] != "k1" && kids[0] != "k2" {
-		t.Errorf("%s: %q", HeaderKeyID, kids)
+	if kids := seen.Header.Values(kayle.HeaderKeyID); len(kids) != 1 || kids[0] != "k1" && kids[0] != "k2" {
+		t.Errorf("%s: %q", kayle.HeaderKeyID, kids)
 	}
 	// and no other gateway header of the request, in any spelling (case, '_'
 	// for '-'), reached the backend: those the gateway sets are checked
 	// above, or replaced by it; the others must be gone. Folded here, not by
 	// the gateway's code.
 	setByGateway := map[string]bool{
-		HeaderEventID: true, HeaderEventType: true, HeaderEvent: true, HeaderSessionID: true, HeaderContractVersion: true,
-		HeaderKeyID: true, HeaderSignatureTimestamp: true, HeaderVerified: true, HeaderDeliveryID: true,
+		kayle.HeaderEventID: true, kayle.HeaderEventType: true, kayle.HeaderEvent: true, kayle.HeaderSessionID: true, kayle.HeaderContractVersion: true,
+		kayle.HeaderKeyID: true, kayle.HeaderSignatureTimestamp: true, kayle.HeaderVerified: true, kayle.HeaderDeliveryID: true,
 	}
 	for name := range c.Request.Headers {
 		canonical := http.CanonicalHeaderKey(name)

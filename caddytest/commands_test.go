@@ -12,10 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
-
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
 )
 
 // runKayle runs "caddy kayle <args>" as caddy does, in this process, and
@@ -121,15 +120,15 @@ func TestKeygenKeyOpensAnIndependentSendersDelivery(t *testing.T) {
 		t.Fatal(err)
 	}
 	req.Header.Set("Content-Type", "application/jose")
-	req.Header.Set(kaylewebhook.SignatureHeader, sig)
-	req.Header.Set(kaylewebhook.HeaderDeliveryID, "whd_"+randomHex(t, 8))
+	req.Header.Set(kayle.SignatureHeader, sig)
+	req.Header.Set(kayle.HeaderDeliveryID, "whd_"+randomHex(t, 8))
 	h.expectForwarded(req)
 
 	got := be.requests()
 	if len(got) != 1 {
 		t.Fatalf("the backend got %d requests, want 1", len(got))
 	}
-	if kid := got[0].Header.Get(kaylewebhook.HeaderKeyID); kid != "k-2026" {
+	if kid := got[0].Header.Get(kayle.HeaderKeyID); kid != "k-2026" {
 		t.Errorf("opened with kid %q, want the keygen key k-2026", kid)
 	}
 	if !bytes.Equal(got[0].Body, ev.payload) {

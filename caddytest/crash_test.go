@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // TestKilledInstanceDoesNotStrandTheEvent replays the adversarial run of
@@ -53,11 +53,11 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	b.waitReady(t)
 
 	// Kayle waits a few seconds for an answer
-	kayle := &http.Client{Timeout: 5 * time.Second}
-	defer kayle.CloseIdleConnections()
+	sender := &http.Client{Timeout: 5 * time.Second}
+	defer sender.CloseIdleConnections()
 	ev := newEvent(t, nil)
 
-	resp, err := kayle.Do(deliver(t, a.gw.url(), ev))
+	resp, err := sender.Do(deliver(t, a.gw.url(), ev))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +68,7 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	firstDone := time.Now()
 
 	go func() {
-		if resp, err := kayle.Do(deliver(t, b.gw.url(), ev)); err == nil {
+		if resp, err := sender.Do(deliver(t, b.gw.url(), ev)); err == nil {
 			resp.Body.Close()
 		}
 	}()
@@ -93,7 +93,7 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	var statuses []string
 	for be.count(ev.id) < 3 && time.Since(killed) < takeoverBound {
 		began := time.Now()
-		resp, err := kayle.Do(deliver(t, a.gw.url(), ev))
+		resp, err := sender.Do(deliver(t, a.gw.url(), ev))
 		if err != nil {
 			statuses = append(statuses, "no answer")
 		} else {
@@ -113,14 +113,14 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	}
 
 	// delivered now: a later retry, at either instance, is a duplicate
-	resp, err = kayle.Do(deliver(t, a.gw.url(), ev))
+	resp, err = sender.Do(deliver(t, a.gw.url(), ev))
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || resp.Header.Get(kaylewebhook.HeaderDuplicate) != "true" {
+	if resp.StatusCode != http.StatusOK || resp.Header.Get(kayle.HeaderDuplicate) != "true" {
 		t.Errorf("retry after the takeover: status %d, %s %q; want a 200 duplicate",
-			resp.StatusCode, kaylewebhook.HeaderDuplicate, resp.Header.Get(kaylewebhook.HeaderDuplicate))
+			resp.StatusCode, kayle.HeaderDuplicate, resp.Header.Get(kayle.HeaderDuplicate))
 	}
 	if n := be.count(ev.id); n != 3 {
 		t.Errorf("backend has had E %d times, want 3", n)

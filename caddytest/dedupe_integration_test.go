@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // expectDuplicate sends req and checks the gateway acknowledged it as an
@@ -15,11 +15,11 @@ import (
 func (h *harness) expectDuplicate(req *http.Request, eventID string) {
 	h.t.Helper()
 	resp, body := h.expect(req, http.StatusOK)
-	if got := resp.Header.Get(kaylewebhook.HeaderDuplicate); got != "true" {
-		h.t.Errorf("%s: %q, want \"true\"", kaylewebhook.HeaderDuplicate, got)
+	if got := resp.Header.Get(kayle.HeaderDuplicate); got != "true" {
+		h.t.Errorf("%s: %q, want \"true\"", kayle.HeaderDuplicate, got)
 	}
-	if got := resp.Header.Get(kaylewebhook.HeaderEventID); got != eventID {
-		h.t.Errorf("duplicate answer %s: %q, want %q", kaylewebhook.HeaderEventID, got, eventID)
+	if got := resp.Header.Get(kayle.HeaderEventID); got != eventID {
+		h.t.Errorf("duplicate answer %s: %q, want %q", kayle.HeaderEventID, got, eventID)
 	}
 	var answer struct {
 		Status  string `json:"status"`
@@ -34,8 +34,8 @@ func (h *harness) expectDuplicate(req *http.Request, eventID string) {
 func (h *harness) expectForwarded(req *http.Request) {
 	h.t.Helper()
 	resp, body := h.expect(req, http.StatusOK)
-	if got := resp.Header.Get(kaylewebhook.HeaderDuplicate); got != "" {
-		h.t.Errorf("forwarded delivery answered with %s: %q", kaylewebhook.HeaderDuplicate, got)
+	if got := resp.Header.Get(kayle.HeaderDuplicate); got != "" {
+		h.t.Errorf("forwarded delivery answered with %s: %q", kayle.HeaderDuplicate, got)
 	}
 	if string(body) != `{"received":true}` {
 		h.t.Errorf("Kayle got %q, want the backend's answer", body)
@@ -108,7 +108,7 @@ func TestFailedForwardIsNotRemembered(t *testing.T) {
 			ev := newEvent(t, nil)
 			be.mu.Lock()
 			be.respond = func(w http.ResponseWriter, r *http.Request, n int) {
-				if r.Header.Get(kaylewebhook.HeaderEventID) == ev.id && n == 1 {
+				if r.Header.Get(kayle.HeaderEventID) == ev.id && n == 1 {
 					f.fail(w)
 					return
 				}
@@ -156,7 +156,7 @@ func TestConcurrentCopiesInOneCaddy(t *testing.T) {
 			}
 			resp.Body.Close()
 			statuses[i] = resp.StatusCode
-			duplicates[i] = resp.Header.Get(kaylewebhook.HeaderDuplicate) == "true"
+			duplicates[i] = resp.Header.Get(kayle.HeaderDuplicate) == "true"
 		})
 	}
 	close(start)

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // A genuine delivery reaches the backend as the plaintext JSON with trusted
@@ -27,19 +27,19 @@ func TestGenuineDeliveryReachesBackendAsPlaintext(t *testing.T) {
 	ev := newEvent(t, nil)
 	signedAt := time.Now()
 	req := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, signedAt, ev.typ)
-	deliveryID := req.Header.Get(kaylewebhook.HeaderDeliveryID)
+	deliveryID := req.Header.Get(kayle.HeaderDeliveryID)
 	// forged by whoever sits between Kayle and the gateway: not signed
 	spoofed := map[string]string{
-		kaylewebhook.HeaderEventID:            "evt_spoofed",
-		kaylewebhook.HeaderEventType:          "verification.session.failed",
-		kaylewebhook.HeaderEvent:              "verification.session.failed",
-		kaylewebhook.HeaderSessionID:          "vs_spoofed",
-		kaylewebhook.HeaderContractVersion:    "99",
-		kaylewebhook.HeaderKeyID:              "spoofed",
-		kaylewebhook.HeaderSignatureTimestamp: "1",
-		kaylewebhook.HeaderVerified:           "spoofed",
-		kaylewebhook.HeaderDuplicate:          "true",
-		"X-Kayle-Anything-Else":               "spoofed",
+		kayle.HeaderEventID:            "evt_spoofed",
+		kayle.HeaderEventType:          "verification.session.failed",
+		kayle.HeaderEvent:              "verification.session.failed",
+		kayle.HeaderSessionID:          "vs_spoofed",
+		kayle.HeaderContractVersion:    "99",
+		kayle.HeaderKeyID:              "spoofed",
+		kayle.HeaderSignatureTimestamp: "1",
+		kayle.HeaderVerified:           "spoofed",
+		kayle.HeaderDuplicate:          "true",
+		"X-Kayle-Anything-Else":        "spoofed",
 	}
 	for name, value := range spoofed {
 		req.Header.Set(name, value)
@@ -49,8 +49,8 @@ func TestGenuineDeliveryReachesBackendAsPlaintext(t *testing.T) {
 	if string(body) != `{"received":true}` {
 		t.Errorf("Kayle got body %q, want the backend's answer", body)
 	}
-	if got := resp.Header.Get(kaylewebhook.HeaderDuplicate); got != "" {
-		t.Errorf("first delivery answered with %s: %q", kaylewebhook.HeaderDuplicate, got)
+	if got := resp.Header.Get(kayle.HeaderDuplicate); got != "" {
+		t.Errorf("first delivery answered with %s: %q", kayle.HeaderDuplicate, got)
 	}
 
 	reqs := be.requests()
@@ -71,25 +71,25 @@ func TestGenuineDeliveryReachesBackendAsPlaintext(t *testing.T) {
 		t.Errorf("backend got Transfer-Encoding %v, want a plain Content-Length body", got.TransferEncoding)
 	}
 	want := map[string]string{
-		"Content-Type":                        "application/json",
-		"Content-Length":                      strconv.Itoa(len(ev.payload)),
-		kaylewebhook.HeaderEventID:            ev.id,
-		kaylewebhook.HeaderEventType:          ev.typ,
-		kaylewebhook.HeaderEvent:              ev.typ,
-		kaylewebhook.HeaderSessionID:          sessionID(t, ev),
-		kaylewebhook.HeaderContractVersion:    "1",
-		kaylewebhook.HeaderKeyID:              demoKID,
-		kaylewebhook.HeaderSignatureTimestamp: strconv.FormatInt(signedAt.Unix(), 10),
-		kaylewebhook.HeaderVerified:           "true",
-		kaylewebhook.HeaderDeliveryID:         deliveryID,
-		"X-Seen-Event":                        ev.id,
+		"Content-Type":                 "application/json",
+		"Content-Length":               strconv.Itoa(len(ev.payload)),
+		kayle.HeaderEventID:            ev.id,
+		kayle.HeaderEventType:          ev.typ,
+		kayle.HeaderEvent:              ev.typ,
+		kayle.HeaderSessionID:          sessionID(t, ev),
+		kayle.HeaderContractVersion:    "1",
+		kayle.HeaderKeyID:              demoKID,
+		kayle.HeaderSignatureTimestamp: strconv.FormatInt(signedAt.Unix(), 10),
+		kayle.HeaderVerified:           "true",
+		kayle.HeaderDeliveryID:         deliveryID,
+		"X-Seen-Event":                 ev.id,
 	}
 	for name, value := range want {
 		if vs := got.Header.Values(name); len(vs) != 1 || vs[0] != value {
 			t.Errorf("backend header %s = %q, want exactly %q", name, vs, value)
 		}
 	}
-	for _, name := range []string{kaylewebhook.SignatureHeader, kaylewebhook.HeaderDuplicate, "X-Kayle-Anything-Else"} {
+	for _, name := range []string{kayle.SignatureHeader, kayle.HeaderDuplicate, "X-Kayle-Anything-Else"} {
 		if vs := got.Header.Values(name); len(vs) != 0 {
 			t.Errorf("backend got header %s %q, want none", name, vs)
 		}
@@ -147,7 +147,7 @@ func TestForgedAndStaleDeliveriesAreRefused(t *testing.T) {
 		{"signature over another body", func() *http.Request {
 			req := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, now, ev.typ)
 			other := encrypt(t, ev.payload)
-			req.Header.Set(kaylewebhook.SignatureHeader, kaylewebhook.SignatureHeaderValue(demo.secret, now, other))
+			req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(demo.secret, now, other))
 			return req
 		}},
 		{"genuine but signed 10 minutes ago", func() *http.Request {

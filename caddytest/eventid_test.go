@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // The event id a backend reads in X-Kayle-Event-Id, over a real connection,
@@ -50,8 +50,8 @@ func TestBackendSeesTheDedupeKeyByteForByte(t *testing.T) {
 	for _, id := range []string{"evt_" + suffix, "evt with inner spaces " + suffix, "evt_~!#$%&'*+-.^`|" + suffix} {
 		h.expectForwarded(send(id))
 		reqs := be.requests()
-		if got := reqs[len(reqs)-1].Header.Values(kaylewebhook.HeaderEventID); len(got) != 1 || got[0] != id {
-			t.Errorf("backend read %s %q, the gateway deduplicated on %q", kaylewebhook.HeaderEventID, got, id)
+		if got := reqs[len(reqs)-1].Header.Values(kayle.HeaderEventID); len(got) != 1 || got[0] != id {
+			t.Errorf("backend read %s %q, the gateway deduplicated on %q", kayle.HeaderEventID, got, id)
 		}
 		h.expectDuplicate(send(id), id)
 	}

@@ -11,10 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/go-jose/go-jose/v4"
-
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
 )
 
 // exampleVariables are every variable Caddyfile.example reads, plus the
@@ -245,7 +244,7 @@ func TestExampleOwnMaterialAndAReloadWithoutIt(t *testing.T) {
 		t.Errorf("own material named as the demo's: %v", warns)
 	}
 
-	pub, _, err := kaylewebhook.LoadPublicKeyFile(key)
+	pub, _, err := kayle.LoadPublicKeyFile(key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +253,7 @@ func TestExampleOwnMaterialAndAReloadWithoutIt(t *testing.T) {
 		t.Fatal(err)
 	}
 	ev := newEvent(t, nil)
-	jwe, err := kaylewebhook.EncryptDelivery(ev.payload, pub, "k1", jose.A256GCM)
+	jwe, err := kayle.EncryptDelivery(ev.payload, pub, "k1", jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,9 +21,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
 )
 
 // exampleBackend is one of the receivers in examples/, as a user runs it.
@@ -249,7 +249,7 @@ func captureForward(h *harness, ev event, secrets ...string) received {
 	if len(reqs) != 1 {
 		h.t.Fatalf("the backend received %d requests, want 1", len(reqs))
 	}
-	if reqs[0].Header.Get(kaylewebhook.HeaderWebhookSignature) == "" {
+	if reqs[0].Header.Get(standardwebhooks.HeaderWebhookSignature) == "" {
 		h.t.Fatal("the forward carries no webhook-signature")
 	}
 	return reqs[0]
@@ -327,7 +327,7 @@ func TestExampleBackends(t *testing.T) {
 
 			// a forward as the gateway signs it, to alter below
 			captured := captureForward(h, newEvent(t, nil), other, secret)
-			capturedID := captured.Header.Get(kaylewebhook.HeaderEventID)
+			capturedID := captured.Header.Get(kayle.HeaderEventID)
 			refuse := map[string]struct {
 				edit   func(h http.Header, body []byte) []byte
 				status int
@@ -336,7 +336,7 @@ func TestExampleBackends(t *testing.T) {
 					return bytes.Replace(body, []byte("Curie"), []byte("Curia"), 1)
 				}, http.StatusUnauthorized},
 				"replayed under another event id": {func(h http.Header, body []byte) []byte {
-					h.Set(kaylewebhook.HeaderEventID, "evt_"+randomHex(t, 12))
+					h.Set(kayle.HeaderEventID, "evt_"+randomHex(t, 12))
 					return body
 				}, http.StatusUnauthorized},
 				"signed with the other secret only": {func(h http.Header, body []byte) []byte {
@@ -414,7 +414,7 @@ func TestExampleBackends(t *testing.T) {
 			if got := answerStatus(t, body); got != "duplicate" {
 				t.Errorf("the first event again: answer %q, want duplicate", got)
 			}
-			if resp.Header.Get(kaylewebhook.HeaderDuplicate) != "" {
+			if resp.Header.Get(kayle.HeaderDuplicate) != "" {
 				t.Error("the gateway answered the retry itself: its dedupe is not off")
 			}
 			// copies of one event arriving together (racing retries): one is

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // TestSlowBodyIsCutAtTheReadTimeout: a client that trickles a signed
@@ -38,8 +38,8 @@ func TestSlowBodyIsCutAtTheReadTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(conn, "POST /kayle/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/jose\r\n"+
-		"Content-Length: %d\r\n%s: %s\r\n\r\n", len(body), kaylewebhook.SignatureHeader,
-		kaylewebhook.SignatureHeaderValue(demo.secret, time.Now(), body))
+		"Content-Length: %d\r\n%s: %s\r\n\r\n", len(body), kayle.SignatureHeader,
+		kayle.SignatureHeaderValue(demo.secret, time.Now(), body))
 
 	// five bytes a second: the body would take minutes
 	stop := make(chan struct{})
@@ -121,7 +121,7 @@ func TestThousandHostileRequests(t *testing.T) {
 		func() (*http.Request, error) { // random body, random signature
 			req, err := http.NewRequest(http.MethodPost, gw.url(), bytes.NewReader(random(rng.IntN(8<<10))))
 			if err == nil {
-				req.Header.Set(kaylewebhook.SignatureHeader, printable(rng.IntN(300)))
+				req.Header.Set(kayle.SignatureHeader, printable(rng.IntN(300)))
 			}
 			return req, err
 		},
@@ -138,14 +138,14 @@ func TestThousandHostileRequests(t *testing.T) {
 		func() (*http.Request, error) { // the genuine body with a forged signature
 			req, err := http.NewRequest(http.MethodPost, gw.url(), bytes.NewReader(genuine))
 			if err == nil {
-				req.Header.Set(kaylewebhook.SignatureHeader, fmt.Sprintf("t=%d,v1=%x", time.Now().Unix(), random(32)))
+				req.Header.Set(kayle.SignatureHeader, fmt.Sprintf("t=%d,v1=%x", time.Now().Unix(), random(32)))
 			}
 			return req, err
 		},
 		func() (*http.Request, error) { // a huge signature header of many v1 values
 			req, err := http.NewRequest(http.MethodPost, gw.url(), bytes.NewReader(genuine))
 			if err == nil {
-				req.Header.Set(kaylewebhook.SignatureHeader, fmt.Sprintf("t=%d", time.Now().Unix())+strings.Repeat(",v1="+strings.Repeat("a", 64), 400))
+				req.Header.Set(kayle.SignatureHeader, fmt.Sprintf("t=%d", time.Now().Unix())+strings.Repeat(",v1="+strings.Repeat("a", 64), 400))
 			}
 			return req, err
 		},
@@ -155,8 +155,8 @@ func TestThousandHostileRequests(t *testing.T) {
 				for range 50 {
 					req.Header.Add("X-"+token(1+rng.IntN(20)), printable(rng.IntN(200)))
 				}
-				req.Header.Set(kaylewebhook.HeaderVerified, "true")
-				req.Header.Set(kaylewebhook.HeaderEventID, printable(40))
+				req.Header.Set(kayle.HeaderVerified, "true")
+				req.Header.Set(kayle.HeaderEventID, printable(40))
 			}
 			return req, err
 		},

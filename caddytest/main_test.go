@@ -30,13 +30,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	ctest "github.com/caddyserver/caddy/v2/caddytest"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	"github.com/go-jose/go-jose/v4"
-
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
 )
 
 // The demo material, published with the source (testdata/demo/README.md).
@@ -115,7 +114,7 @@ func loadDemo() error {
 		return err
 	}
 	demo.secret = bytes.TrimSuffix(bytes.TrimSuffix(raw, []byte("\n")), []byte("\r"))
-	pub, _, err := kaylewebhook.LoadPublicKeyFile(demo.keyPath)
+	pub, _, err := kayle.LoadPublicKeyFile(demo.keyPath)
 	if err != nil {
 		return err
 	}
@@ -372,7 +371,7 @@ func randomHex(t testing.TB, n int) string {
 // encrypt makes a delivery body as Kayle does: a fresh JWE to the demo key.
 func encrypt(t testing.TB, payload []byte) []byte {
 	t.Helper()
-	body, err := kaylewebhook.EncryptDelivery(payload, demo.pub, demoKID, jose.A256GCM)
+	body, err := kayle.EncryptDelivery(payload, demo.pub, demoKID, jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -389,10 +388,10 @@ func deliveryRequest(t testing.TB, url string, body, secret []byte, signedAt tim
 	}
 	req.Header.Set("Content-Type", "application/jose")
 	if len(secret) > 0 {
-		req.Header.Set(kaylewebhook.SignatureHeader, kaylewebhook.SignatureHeaderValue(secret, signedAt, body))
+		req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(secret, signedAt, body))
 	}
-	req.Header.Set(kaylewebhook.HeaderDeliveryID, "whd_"+randomHex(t, 8))
-	req.Header.Set(kaylewebhook.HeaderEvent, eventType)
+	req.Header.Set(kayle.HeaderDeliveryID, "whd_"+randomHex(t, 8))
+	req.Header.Set(kayle.HeaderEvent, eventType)
 	return req
 }
 
@@ -446,7 +445,7 @@ func (be *backend) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	be.mu.Lock()
 	be.reqs = append(be.reqs, rec)
-	id := r.Header.Get(kaylewebhook.HeaderEventID)
+	id := r.Header.Get(kayle.HeaderEventID)
 	be.byEvent[id]++
 	n := be.byEvent[id]
 	respond := be.respond

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 var (
@@ -211,7 +211,7 @@ func TestTwoCaddyProcessesShareDedupe(t *testing.T) {
 				return
 			}
 			resp.Body.Close()
-			results[i] = result{status: resp.StatusCode, duplicate: resp.Header.Get(kaylewebhook.HeaderDuplicate) == "true"}
+			results[i] = result{status: resp.StatusCode, duplicate: resp.Header.Get(kayle.HeaderDuplicate) == "true"}
 		})
 	}
 	began := time.Now()

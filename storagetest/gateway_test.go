@@ -20,8 +20,7 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
-
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/storagetest/servers"
 )
 
@@ -190,7 +189,7 @@ func randomHex(t testing.TB, n int) string {
 // freshly encrypted to the demo key, signed now.
 func delivery(t testing.TB, url string, ev event) *http.Request {
 	t.Helper()
-	body, err := kaylewebhook.EncryptDelivery(ev.payload, demo.pub, demoKID, jose.A256GCM)
+	body, err := kayle.EncryptDelivery(ev.payload, demo.pub, demoKID, jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,9 +198,9 @@ func delivery(t testing.TB, url string, ev event) *http.Request {
 		t.Fatal(err)
 	}
 	req.Header.Set("Content-Type", "application/jose")
-	req.Header.Set(kaylewebhook.SignatureHeader, kaylewebhook.SignatureHeaderValue(demo.secret, time.Now(), body))
-	req.Header.Set(kaylewebhook.HeaderDeliveryID, "whd_"+randomHex(t, 8))
-	req.Header.Set(kaylewebhook.HeaderEvent, eventType)
+	req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(demo.secret, time.Now(), body))
+	req.Header.Set(kayle.HeaderDeliveryID, "whd_"+randomHex(t, 8))
+	req.Header.Set(kayle.HeaderEvent, eventType)
 	return req
 }
 
@@ -255,7 +254,7 @@ func send(c *http.Client, req *http.Request) answer {
 	body, err := io.ReadAll(resp.Body)
 	return answer{
 		status:    resp.StatusCode,
-		duplicate: resp.Header.Get(kaylewebhook.HeaderDuplicate) == "true",
+		duplicate: resp.Header.Get(kayle.HeaderDuplicate) == "true",
 		body:      string(body),
 		err:       err,
 		took:      time.Since(began),
@@ -313,7 +312,7 @@ func (be *backend) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	id := r.Header.Get(kaylewebhook.HeaderEventID)
+	id := r.Header.Get(kayle.HeaderEventID)
 	be.mu.Lock()
 	be.byEvent[id]++
 	n := be.byEvent[id]

@@ -23,7 +23,7 @@ import (
 	"testing"
 	"time"
 
-	kaylewebhook "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 )
 
 // The demo material, published with the plugin's source.
@@ -75,7 +75,7 @@ func loadDemo() error {
 		return err
 	}
 	demo.secret = bytes.TrimSuffix(bytes.TrimSuffix(raw, []byte("\n")), []byte("\r"))
-	demo.pub, _, err = kaylewebhook.LoadPublicKeyFile(demo.keyPath)
+	demo.pub, _, err = kayle.LoadPublicKeyFile(demo.keyPath)
 	return err
 }
 

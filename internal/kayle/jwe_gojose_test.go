@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"bytes"
@@ -9,57 +9,58 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/go-jose/go-jose/v4"
 )
 
 // goJoseDecrypt is the reference decrypt takes its answers from: go-jose
 // parses and decrypts the whole JWE.
-func goJoseDecrypt(kr *keyRing, body []byte) ([]byte, string, error) {
+func goJoseDecrypt(kr *KeyRing, body []byte) ([]byte, string, error) {
 	obj, err := jose.ParseEncryptedCompact(string(body), allowedKeyAlgorithms, allowedContentEncryption)
 	if err != nil {
-		return nil, "", errNotJWE
+		return nil, "", ErrNotJWE
 	}
 	if _, compressed := obj.Header.ExtraHeaders["zip"]; compressed {
-		return nil, "", errNotJWE
+		return nil, "", ErrNotJWE
 	}
 	if kid := obj.Header.KeyID; kid != "" {
 		key, ok := kr.byKID[kid]
 		if !ok {
-			return nil, kid, errUnknownKeyID
+			return nil, kid, ErrUnknownKeyID
 		}
 		plaintext, err := obj.Decrypt(key)
 		if err != nil {
-			return nil, kid, errDecrypt
+			return nil, kid, ErrDecrypt
 		}
 		return plaintext, kid, nil
 	}
-	for _, k := range kr.keys {
-		if plaintext, err := obj.Decrypt(k.key); err == nil {
-			return plaintext, k.kid, nil
+	for _, k := range kr.Keys {
+		if plaintext, err := obj.Decrypt(k.Private); err == nil {
+			return plaintext, k.KID, nil
 		}
 	}
-	return nil, "", errDecrypt
+	return nil, "", ErrDecrypt
 }
 
 var otherKey = sync.OnceValues(func() (*rsa.PrivateKey, error) { return rsa.GenerateKey(rand.Reader, 2048) })
 
 // twoKeyRing holds the demo key and another, so a JWE without kid is tried
 // with a wrong key first.
-func twoKeyRing(t testing.TB) (*keyRing, *rsa.PrivateKey) {
+func twoKeyRing(t testing.TB) (*KeyRing, *rsa.PrivateKey) {
 	t.Helper()
 	other, err := otherKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	demo, err := demoKey()
+	demo, err := kayletest.LoadDemoKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	kr := &keyRing{}
-	if err := kr.add("other", other); err != nil {
+	kr := &KeyRing{}
+	if err := kr.Add("other", other); err != nil {
 		t.Fatal(err)
 	}
-	if err := kr.add(demoKID, demo); err != nil {
+	if err := kr.Add(kayletest.DemoKID, demo); err != nil {
 		t.Fatal(err)
 	}
 	return kr, demo
@@ -72,20 +73,20 @@ func decryptCorpus(t testing.TB) [][]byte {
 	seal := func(enc jose.ContentEncryption, kid string, extra map[jose.HeaderKey]any) string {
 		return sealJWE(t, &demo.PublicKey, enc, kid, extra)
 	}
-	genuine := seal(jose.A256GCM, demoKID, nil)
+	genuine := seal(jose.A256GCM, kayletest.DemoKID, nil)
 	p := strings.Split(genuine, ".")
 	join := func(parts ...string) []byte { return []byte(strings.Join(parts, ".")) }
 	corpus := [][]byte{
 		[]byte(genuine),
-		[]byte(seal(jose.A128GCM, demoKID, nil)),
-		[]byte(seal(jose.A192GCM, demoKID, nil)),
+		[]byte(seal(jose.A128GCM, kayletest.DemoKID, nil)),
+		[]byte(seal(jose.A192GCM, kayletest.DemoKID, nil)),
 		[]byte(seal(jose.A256GCM, "", nil)),
 		[]byte(seal(jose.A256GCM, "nobody", nil)),
-		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"crit": []string{"exp"}, "exp": 1})),
+		[]byte(seal(jose.A256GCM, kayletest.DemoKID, map[jose.HeaderKey]any{"crit": []string{"exp"}, "exp": 1})),
 		[]byte(seal(jose.A256GCM, "nobody", map[jose.HeaderKey]any{"crit": []string{"exp"}, "exp": 1})),
-		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"crit": nil})),
-		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"zip": "DEF"})),
-		[]byte(seal(jose.A256GCM, demoKID, map[jose.HeaderKey]any{"x": map[string]any{"y": 1}})),
+		[]byte(seal(jose.A256GCM, kayletest.DemoKID, map[jose.HeaderKey]any{"crit": nil})),
+		[]byte(seal(jose.A256GCM, kayletest.DemoKID, map[jose.HeaderKey]any{"zip": "DEF"})),
+		[]byte(seal(jose.A256GCM, kayletest.DemoKID, map[jose.HeaderKey]any{"x": map[string]any{"y": 1}})),
 		join(p[0], p[1], p[2], "", p[4]),
 		join(p[0], p[1], p[2], p[3], p[4]+"AA"),
 		join(p[0], p[1], p[2], p[3], p[4][:20]),
@@ -115,7 +116,7 @@ func sealJWE(t testing.TB, pub *rsa.PublicKey, enc jose.ContentEncryption, kid s
 	if err != nil {
 		t.Fatal(err)
 	}
-	obj, err := e.Encrypt(eventPayload("evt_corpus"))
+	obj, err := e.Encrypt(kayletest.EventPayload("evt_corpus"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +128,7 @@ func sealJWE(t testing.TB, pub *rsa.PublicKey, enc jose.ContentEncryption, kid s
 }
 
 // cachedHeaders counts the header cache's entries.
-func cachedHeaders(kr *keyRing) int {
+func cachedHeaders(kr *KeyRing) int {
 	n := 0
 	kr.headers.byBytes.Range(func(any, any) bool { n++; return true })
 	return n
@@ -143,7 +144,7 @@ func TestDecryptMatchesGoJose(t *testing.T) {
 	for pass := range 2 {
 		for i, body := range decryptCorpus(t) {
 			sameAsGoJose(t, kr, body, i)
-			if _, _, err := kr.decrypt(body); i < 4 && err != nil {
+			if _, _, err := kr.Decrypt(body); i < 4 && err != nil {
 				t.Errorf("pass %d, genuine #%d: %v", pass+1, i, err) // the first four: each enc, and no kid
 			}
 		}
@@ -161,13 +162,13 @@ func FuzzDecryptMatchesGoJose(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) { sameAsGoJose(t, kr, body, 0) })
 }
 
-func sameAsGoJose(t *testing.T, kr *keyRing, body []byte, i int) {
+func sameAsGoJose(t *testing.T, kr *KeyRing, body []byte, i int) {
 	t.Helper()
 	want, wantKID, wantErr := goJoseDecrypt(kr, body)
-	got, gotKID, gotErr := kr.decrypt(bytes.Clone(body))
+	got, gotKID, gotErr := kr.Decrypt(bytes.Clone(body))
 	if (gotErr == nil) != (wantErr == nil) || !bytes.Equal(got, want) || gotKID != wantKID ||
-		errors.Is(gotErr, errUnknownKeyID) != errors.Is(wantErr, errUnknownKeyID) ||
-		errors.Is(gotErr, errNotJWE) != errors.Is(wantErr, errNotJWE) {
+		errors.Is(gotErr, ErrUnknownKeyID) != errors.Is(wantErr, ErrUnknownKeyID) ||
+		errors.Is(gotErr, ErrNotJWE) != errors.Is(wantErr, ErrNotJWE) {
 		t.Errorf("#%d: decrypt gave kid %q, %d bytes, %v; go-jose kid %q, %d bytes, %v", i, gotKID, len(got), gotErr, wantKID, len(want), wantErr)
 	}
 }
@@ -177,8 +178,8 @@ func sameAsGoJose(t *testing.T, kr *keyRing, body []byte, i int) {
 func TestHeaderCacheBounded(t *testing.T) {
 	kr, demo := twoKeyRing(t)
 	for i := range maxCachedHeaders + 36 {
-		s := sealJWE(t, &demo.PublicKey, jose.A256GCM, demoKID, map[jose.HeaderKey]any{"x": i})
-		if _, kid, err := kr.decrypt([]byte(s)); err != nil || kid != demoKID {
+		s := sealJWE(t, &demo.PublicKey, jose.A256GCM, kayletest.DemoKID, map[jose.HeaderKey]any{"x": i})
+		if _, kid, err := kr.Decrypt([]byte(s)); err != nil || kid != kayletest.DemoKID {
 			t.Fatalf("header #%d: kid %q, %v", i, kid, err)
 		}
 	}
@@ -195,7 +196,7 @@ func TestHeaderCacheConcurrentFirstDeliveries(t *testing.T) {
 	var wg sync.WaitGroup
 	for range 32 {
 		wg.Go(func() {
-			if _, _, err := kr.decrypt(bytes.Clone(body)); err != nil {
+			if _, _, err := kr.Decrypt(bytes.Clone(body)); err != nil {
 				t.Error(err)
 			}
 		})

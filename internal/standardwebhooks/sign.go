@@ -1,4 +1,4 @@
-package kaylewebhook
+package standardwebhooks
 
 import (
 	"crypto/hmac"
@@ -29,9 +29,9 @@ const (
 
 var errForwardSecretFormat = errors.New("is not whsec_ followed by base64 (a Standard Webhooks secret)")
 
-// parseForwardSecret decodes a "whsec_<base64>" secret into its HMAC key.
+// ParseSecret decodes a "whsec_<base64>" secret into its HMAC key.
 // Its errors never quote the secret.
-func parseForwardSecret(secret string) ([]byte, error) {
+func ParseSecret(secret string) ([]byte, error) {
 	encoded, ok := strings.CutPrefix(secret, forwardSecretPrefix)
 	if !ok || encoded == "" {
 		return nil, errForwardSecretFormat
@@ -47,9 +47,9 @@ func parseForwardSecret(secret string) ([]byte, error) {
 	return key, nil
 }
 
-// forwardSignature is the webhook-signature value: one "v1,<base64 MAC>"
+// Signature is the webhook-signature value: one "v1,<base64 MAC>"
 // per key, space separated, each HMAC-SHA256(key, id.timestamp.body).
-func forwardSignature(keys [][]byte, id, timestamp string, body []byte) string {
+func Signature(keys [][]byte, id, timestamp string, body []byte) string {
 	values := make([]string, len(keys))
 	for i, key := range keys {
 		mac := hmac.New(sha256.New, key)
@@ -63,18 +63,18 @@ func forwardSignature(keys [][]byte, id, timestamp string, body []byte) string {
 	return strings.Join(values, " ")
 }
 
-// signForward sets the Standard Webhooks headers for body, signed at now.
-func signForward(h http.Header, keys [][]byte, eventID string, now time.Time, body []byte) {
+// Sign sets the Standard Webhooks headers for body, signed at now.
+func Sign(h http.Header, keys [][]byte, eventID string, now time.Time, body []byte) {
 	timestamp := strconv.FormatInt(now.Unix(), 10)
 	h.Set(HeaderWebhookID, eventID)
 	h.Set(HeaderWebhookTimestamp, timestamp)
-	h.Set(HeaderWebhookSignature, forwardSignature(keys, eventID, timestamp, body))
+	h.Set(HeaderWebhookSignature, Signature(keys, eventID, timestamp, body))
 }
 
-// isStandardWebhooksHeader reports whether an incoming header must be
+// IsHeader reports whether an incoming header must be
 // dropped because it could pass for the gateway's signature: every
 // webhook-* name, folded like isGatewayHeader.
-func isStandardWebhooksHeader(name string) bool {
+func IsHeader(name string) bool {
 	return len(name) >= len("webhook-") &&
 		strings.EqualFold(strings.ReplaceAll(name[:len("webhook-")], "_", "-"), "webhook-")
 }

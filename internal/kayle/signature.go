@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"crypto/hmac"
@@ -30,20 +30,20 @@ var (
 	errSignatureInvalid = errors.New("no v1 signature matches a configured signing secret")
 )
 
-// signature is a parsed X-Kayle-Signature header.
-type signature struct {
-	// timestamp is the t field exactly as sent: the HMAC covers these bytes.
-	timestamp string
-	unix      int64
-	v1        [][]byte
+// Signature is a parsed X-Kayle-Signature header.
+type Signature struct {
+	// Timestamp is the t field exactly as sent: the HMAC covers these bytes.
+	Timestamp string
+	Unix      int64
+	V1        [][]byte
 }
 
-// parseSignature parses "t=…,v1=…[,v1=…]". Unknown schemes (v0, v2, …) are
+// ParseSignature parses "t=…,v1=…[,v1=…]". Unknown schemes (v0, v2, …) are
 // ignored, as in other t=/v1= webhook schemes, so Kayle can add one later.
 // It is strict about what it uses: exactly one t of decimal digits, and each
 // v1 exactly 64 hex characters.
-func parseSignature(header string) (signature, error) {
-	var sig signature
+func ParseSignature(header string) (Signature, error) {
+	var sig Signature
 	if header == "" {
 		return sig, errNoSignature
 	}
@@ -66,9 +66,9 @@ func parseSignature(header string) (signature, error) {
 			if err != nil {
 				return sig, err
 			}
-			sig.timestamp, sig.unix = value, unix
+			sig.Timestamp, sig.Unix = value, unix
 		case "v1":
-			if len(sig.v1) == maxV1Signatures {
+			if len(sig.V1) == maxV1Signatures {
 				return sig, fmt.Errorf("%w: more than %d v1 values", errSignatureFormat, maxV1Signatures)
 			}
 			if len(value) != 2*sha256.Size {
@@ -78,13 +78,13 @@ func parseSignature(header string) (signature, error) {
 			if err != nil {
 				return sig, fmt.Errorf("%w: v1 is not hex", errSignatureFormat)
 			}
-			sig.v1 = append(sig.v1, mac)
+			sig.V1 = append(sig.V1, mac)
 		}
 	}
 	if !seenT {
 		return sig, fmt.Errorf("%w: no t", errSignatureFormat)
 	}
-	if len(sig.v1) == 0 {
+	if len(sig.V1) == 0 {
 		return sig, fmt.Errorf("%w: no v1", errSignatureFormat)
 	}
 	return sig, nil
@@ -104,28 +104,28 @@ func parseUnixSeconds(s string) (int64, error) {
 	return strconv.ParseInt(s, 10, 64)
 }
 
-// verifySignature parses the header and verifies it over the raw body (see
+// VerifySignature parses the header and verifies it over the raw body (see
 // signature.verify).
-func verifySignature(header string, body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (signature, error) {
-	sig, err := parseSignature(header)
+func VerifySignature(header string, body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (Signature, error) {
+	sig, err := ParseSignature(header)
 	if err != nil {
 		return sig, err
 	}
-	_, err = sig.verify(body, newMACKeys(secrets), now, tolerance)
+	_, err = sig.Verify(body, NewMACKeys(secrets), now, tolerance)
 	return sig, err
 }
 
-// macKeys are the signing secrets, each with a pool of HMACs keyed with it.
+// MACKeys are the signing secrets, each with a pool of HMACs keyed with it.
 // Keying an HMAC hashes two blocks and allocates five times; a forged flood
 // would pay that for every secret of every request. (Go's HMAC restores its
 // keyed state on Reset; BoringCrypto's re-keys there, so with it only the
 // allocations are saved.)
-type macKeys struct {
+type MACKeys struct {
 	pools []sync.Pool
 }
 
-func newMACKeys(secrets [][]byte) *macKeys {
-	k := &macKeys{pools: make([]sync.Pool, len(secrets))}
+func NewMACKeys(secrets [][]byte) *MACKeys {
+	k := &MACKeys{pools: make([]sync.Pool, len(secrets))}
 	for i, secret := range secrets {
 		k.pools[i].New = func() any { return hmac.New(sha256.New, secret) }
 	}
@@ -133,7 +133,7 @@ func newMACKeys(secrets [][]byte) *macKeys {
 }
 
 // sum appends HMAC-SHA256(secret i, timestamp + "." + body) to out.
-func (k *macKeys) sum(out []byte, i int, timestamp string, body []byte) []byte {
+func (k *MACKeys) sum(out []byte, i int, timestamp string, body []byte) []byte {
 	mac := k.pools[i].Get().(hash.Hash)
 	defer k.pools[i].Put(mac)
 	mac.Reset()
@@ -147,16 +147,16 @@ func (k *macKeys) sum(out []byte, i int, timestamp string, body []byte) []byte {
 // on every call.
 var dot = []byte{'.'}
 
-// verify checks the v1 values against every secret over the raw body, then
+// Verify checks the v1 values against every secret over the raw body, then
 // the timestamp against now, and returns the 1-based position of the first
 // secret that matched (for the metrics: an old secret no longer matching can
 // be retired). The MAC comparison is constant time; the timestamp is checked
 // second so that an unauthenticated request learns nothing about our clock.
-func (sig signature) verify(body []byte, keys *macKeys, now time.Time, tolerance time.Duration) (position int, err error) {
+func (sig Signature) Verify(body []byte, keys *MACKeys, now time.Time, tolerance time.Duration) (position int, err error) {
 	expected := make([]byte, 0, sha256.Size)
 	for i := range keys.pools {
-		expected = keys.sum(expected[:0], i, sig.timestamp, body)
-		for _, candidate := range sig.v1 {
+		expected = keys.sum(expected[:0], i, sig.Timestamp, body)
+		for _, candidate := range sig.V1 {
 			// no early exit: the work done does not depend on which one matches
 			if hmac.Equal(expected, candidate) && position == 0 {
 				position = i + 1
@@ -166,21 +166,21 @@ func (sig signature) verify(body []byte, keys *macKeys, now time.Time, tolerance
 	if position == 0 {
 		return 0, errSignatureInvalid
 	}
-	skew := now.Sub(time.Unix(sig.unix, 0))
+	skew := now.Sub(time.Unix(sig.Unix, 0))
 	if skew > tolerance || skew < -tolerance {
 		return 0, fmt.Errorf("signature timestamp is %s away from now, outside the %s tolerance", skew.Round(time.Second), tolerance)
 	}
 	return position, nil
 }
 
-// signatureMAC is HMAC-SHA256(secret, timestamp + "." + body).
-func signatureMAC(secret []byte, timestamp string, body []byte) []byte {
-	return newMACKeys([][]byte{secret}).sum(nil, 0, timestamp, body)
+// SignatureMAC is HMAC-SHA256(secret, timestamp + "." + body).
+func SignatureMAC(secret []byte, timestamp string, body []byte) []byte {
+	return NewMACKeys([][]byte{secret}).sum(nil, 0, timestamp, body)
 }
 
 // SignatureHeaderValue builds an X-Kayle-Signature value for body, as Kayle
 // does. The send command and the tests use it.
 func SignatureHeaderValue(secret []byte, t time.Time, body []byte) string {
 	ts := strconv.FormatInt(t.Unix(), 10)
-	return "t=" + ts + ",v1=" + hex.EncodeToString(signatureMAC(secret, ts, body))
+	return "t=" + ts + ",v1=" + hex.EncodeToString(SignatureMAC(secret, ts, body))
 }

@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"crypto/ecdsa"
@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/go-jose/go-jose/v4"
 )
 
@@ -40,7 +41,7 @@ func jwkFile(t *testing.T, jwk jose.JSONWebKey) string {
 }
 
 func TestLoadPrivateKeyFileFormats(t *testing.T) {
-	demo, err := demoKey()
+	demo, err := kayletest.LoadDemoKey()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,25 +50,25 @@ func TestLoadPrivateKeyFileFormats(t *testing.T) {
 		"pkcs8 pem":        pemFile(t, "PRIVATE KEY", pkcs8),
 		"pkcs1 pem":        pemFile(t, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(demo)),
 		"jwk":              jwkFile(t, jose.JSONWebKey{Key: demo, KeyID: "demo", Algorithm: "RSA-OAEP-256", Use: "enc"}),
-		"vectors pkcs8":    filepath.Join(vectorsDir, "keys/k1.pkcs8.pem"),
-		"vectors pkcs1":    filepath.Join(vectorsDir, "keys/k1.pkcs1.pem"),
-		"vectors jwk 3072": filepath.Join(vectorsDir, "keys/k2.private.jwk.json"),
+		"vectors pkcs8":    filepath.Join(kayletest.VectorsDir, "keys/k1.pkcs8.pem"),
+		"vectors pkcs1":    filepath.Join(kayletest.VectorsDir, "keys/k1.pkcs1.pem"),
+		"vectors jwk 3072": filepath.Join(kayletest.VectorsDir, "keys/k2.private.jwk.json"),
 	}
 	for name, path := range files {
-		key, _, err := loadPrivateKeyFile(path)
+		key, _, err := LoadPrivateKeyFile(path)
 		if err != nil {
 			t.Errorf("%s: %v", name, err)
 			continue
 		}
-		if key.N.BitLen() < minRSABits {
+		if key.N.BitLen() < MinRSABits {
 			t.Errorf("%s: %d bits", name, key.N.BitLen())
 		}
 	}
-	if _, kid, _ := loadPrivateKeyFile(files["jwk"]); kid != "demo" {
+	if _, kid, _ := LoadPrivateKeyFile(files["jwk"]); kid != "demo" {
 		t.Errorf("JWK kid %q, want demo", kid)
 	}
-	keys, err := loadJWKSFile(filepath.Join(vectorsDir, "keys/private.jwks.json"))
-	if err != nil || len(keys) != 2 || keys[0].kid != "k1" || keys[1].kid != "k2" {
+	keys, err := LoadJWKSFile(filepath.Join(kayletest.VectorsDir, "keys/private.jwks.json"))
+	if err != nil || len(keys) != 2 || keys[0].KID != "k1" || keys[1].KID != "k2" {
 		t.Errorf("JWKS: %v %v", keys, err)
 	}
 }
@@ -80,7 +81,7 @@ func TestLoadPrivateKeyFileRefuses(t *testing.T) {
 	smallPKCS8, _ := x509.MarshalPKCS8PrivateKey(small)
 	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	ecPKCS8, _ := x509.MarshalPKCS8PrivateKey(ec)
-	demo, _ := demoKey()
+	demo, _ := kayletest.LoadDemoKey()
 	pubDER, _ := x509.MarshalPKIXPublicKey(&demo.PublicKey)
 	corrupt := *demo
 	corrupt.D = new(big.Int).Add(demo.D, big.NewInt(2))
@@ -94,7 +95,7 @@ func TestLoadPrivateKeyFileRefuses(t *testing.T) {
 		"small key":            {pemFile(t, "PRIVATE KEY", smallPKCS8), "1024 bits"},
 		"ec key":               {pemFile(t, "PRIVATE KEY", ecPKCS8), "not an RSA key"},
 		"public pem":           {pemFile(t, "PUBLIC KEY", pubDER), "public key"},
-		"public jwk":           {filepath.Join(vectorsDir, "keys/k1.public.jwk.json"), "public key"},
+		"public jwk":           {filepath.Join(kayletest.VectorsDir, "keys/k1.public.jwk.json"), "public key"},
 		"encrypted pem":        {pemFile(t, "ENCRYPTED PRIVATE KEY", []byte{1, 2, 3}), "encrypted"},
 		"certificate":          {pemFile(t, "CERTIFICATE", []byte{1, 2, 3}), "not a private key"},
 		"garbage":              {writeFile(t, "k", []byte("hello")), "neither PEM nor JSON"},
@@ -105,7 +106,7 @@ func TestLoadPrivateKeyFileRefuses(t *testing.T) {
 		"inconsistent rsa key": {pemFile(t, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(&corrupt)), "bad PKCS#1"},
 	}
 	for name, c := range cases {
-		_, _, err := loadPrivateKeyFile(c.path)
+		_, _, err := LoadPrivateKeyFile(c.path)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: got %v, want an error containing %q", name, err, c.want)
 		}
@@ -113,7 +114,7 @@ func TestLoadPrivateKeyFileRefuses(t *testing.T) {
 }
 
 func TestLoadJWKSRefuses(t *testing.T) {
-	demo, _ := demoKey()
+	demo, _ := kayletest.LoadDemoKey()
 	noKID, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: demo}}})
 	public, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &demo.PublicKey, KeyID: "p"}}})
 	cases := map[string]struct {
@@ -126,7 +127,7 @@ func TestLoadJWKSRefuses(t *testing.T) {
 		"not json":   {[]byte("keys"), "not a valid JWKS"},
 	}
 	for name, c := range cases {
-		if _, err := loadJWKSFile(writeFile(t, "set.json", c.data)); err == nil || !strings.Contains(err.Error(), c.want) {
+		if _, err := LoadJWKSFile(writeFile(t, "set.json", c.data)); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: got %v, want %q", name, err, c.want)
 		}
 	}
@@ -136,17 +137,17 @@ func TestLoadJWKSRefuses(t *testing.T) {
 // would otherwise quote the character it stopped at.
 func TestKeyErrorsDoNotQuoteTheFile(t *testing.T) {
 	path := writeFile(t, "k.json", []byte(`{"kty":"RSA","d":"SECRETMATERIAL"Z}`))
-	_, _, err := loadPrivateKeyFile(path)
+	_, _, err := LoadPrivateKeyFile(path)
 	if err == nil || strings.Contains(err.Error(), "'Z'") || strings.Contains(err.Error(), "SECRET") {
 		t.Fatalf("error quotes the key file: %v", err)
 	}
 }
 
 func TestLoadPublicKeyFile(t *testing.T) {
-	demo, _ := demoKey()
+	demo, _ := kayletest.LoadDemoKey()
 	pubDER, _ := x509.MarshalPKIXPublicKey(&demo.PublicKey)
 	for name, path := range map[string]string{
-		"private pem": demoKeyFile,
+		"private pem": kayletest.DemoKeyFile,
 		"spki pem":    pemFile(t, "PUBLIC KEY", pubDER),
 		"pkcs1 pem":   pemFile(t, "RSA PUBLIC KEY", x509.MarshalPKCS1PublicKey(&demo.PublicKey)),
 		"public jwk":  jwkFile(t, jose.JSONWebKey{Key: &demo.PublicKey, KeyID: "demo"}),
@@ -157,7 +158,7 @@ func TestLoadPublicKeyFile(t *testing.T) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
-	if _, kid, err := LoadPublicKeyFile(filepath.Join(vectorsDir, "keys/k1.public.jwk.json")); err != nil || kid != "k1" {
+	if _, kid, err := LoadPublicKeyFile(filepath.Join(kayletest.VectorsDir, "keys/k1.public.jwk.json")); err != nil || kid != "k1" {
 		t.Errorf("vectors k1 JWK: kid %q, %v", kid, err)
 	}
 }

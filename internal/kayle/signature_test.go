@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"crypto/hmac"
@@ -33,13 +33,13 @@ func TestParseSignature(t *testing.T) {
 		{"t=1780000000,v1=" + strings.ToUpper(mac), 1780000000, 1},
 	}
 	for _, g := range good {
-		sig, err := parseSignature(g.header)
+		sig, err := ParseSignature(g.header)
 		if err != nil {
 			t.Errorf("%q: %v", g.header, err)
 			continue
 		}
-		if sig.unix != g.unix || len(sig.v1) != g.v1s {
-			t.Errorf("%q: got t=%d and %d v1", g.header, sig.unix, len(sig.v1))
+		if sig.Unix != g.unix || len(sig.V1) != g.v1s {
+			t.Errorf("%q: got t=%d and %d v1", g.header, sig.Unix, len(sig.V1))
 		}
 	}
 	bad := []string{
@@ -65,7 +65,7 @@ func TestParseSignature(t *testing.T) {
 		"t=1780000000,v1=" + mac + "," + strings.Repeat("x", maxSignatureHeaderLen), // huge
 	}
 	for _, h := range bad {
-		if _, err := parseSignature(h); err == nil {
+		if _, err := ParseSignature(h); err == nil {
 			t.Errorf("accepted %q", h)
 		}
 	}
@@ -74,21 +74,21 @@ func TestParseSignature(t *testing.T) {
 func TestVerifySignature(t *testing.T) {
 	secrets := [][]byte{testSecret}
 	header := SignatureHeaderValue(testSecret, testNow, testBody)
-	if _, err := verifySignature(header, testBody, secrets, testNow, 5*time.Minute); err != nil {
+	if _, err := VerifySignature(header, testBody, secrets, testNow, 5*time.Minute); err != nil {
 		t.Fatalf("genuine signature refused: %v", err)
 	}
 
 	t.Run("rotation", func(t *testing.T) {
 		old := SignatureHeaderValue(testOldSecret, testNow, testBody)
-		if _, err := verifySignature(old, testBody, [][]byte{testSecret, testOldSecret}, testNow, 5*time.Minute); err != nil {
+		if _, err := VerifySignature(old, testBody, [][]byte{testSecret, testOldSecret}, testNow, 5*time.Minute); err != nil {
 			t.Errorf("old secret refused while configured: %v", err)
 		}
-		if _, err := verifySignature(old, testBody, secrets, testNow, 5*time.Minute); !errors.Is(err, errSignatureInvalid) {
+		if _, err := VerifySignature(old, testBody, secrets, testNow, 5*time.Minute); !errors.Is(err, errSignatureInvalid) {
 			t.Errorf("old secret accepted after rotation ended: %v", err)
 		}
 		// one forged v1 beside a valid one is fine: one match is enough
 		both := header + ",v1=" + strings.Repeat("00", 32)
-		if _, err := verifySignature(both, testBody, secrets, testNow, 5*time.Minute); err != nil {
+		if _, err := VerifySignature(both, testBody, secrets, testNow, 5*time.Minute); err != nil {
 			t.Errorf("valid v1 beside a wrong one refused: %v", err)
 		}
 	})
@@ -109,7 +109,7 @@ func TestVerifySignature(t *testing.T) {
 		"signature of other body": {SignatureHeaderValue(testSecret, testNow, []byte("other")), testBody},
 	}
 	for name, a := range attacks {
-		if _, err := verifySignature(a.header, a.body, secrets, testNow, 5*time.Minute); !errors.Is(err, errSignatureInvalid) {
+		if _, err := VerifySignature(a.header, a.body, secrets, testNow, 5*time.Minute); !errors.Is(err, errSignatureInvalid) {
 			t.Errorf("%s: got %v, want errSignatureInvalid", name, err)
 		}
 	}
@@ -117,13 +117,13 @@ func TestVerifySignature(t *testing.T) {
 	t.Run("tolerance both ways", func(t *testing.T) {
 		for _, offset := range []time.Duration{-5 * time.Minute, 5 * time.Minute, 0} {
 			h := SignatureHeaderValue(testSecret, testNow.Add(offset), testBody)
-			if _, err := verifySignature(h, testBody, secrets, testNow, 5*time.Minute); err != nil {
+			if _, err := VerifySignature(h, testBody, secrets, testNow, 5*time.Minute); err != nil {
 				t.Errorf("offset %s refused: %v", offset, err)
 			}
 		}
 		for _, offset := range []time.Duration{-5*time.Minute - time.Second, 5*time.Minute + time.Second, -24 * time.Hour} {
 			h := SignatureHeaderValue(testSecret, testNow.Add(offset), testBody)
-			if _, err := verifySignature(h, testBody, secrets, testNow, 5*time.Minute); err == nil {
+			if _, err := VerifySignature(h, testBody, secrets, testNow, 5*time.Minute); err == nil {
 				t.Errorf("offset %s accepted", offset)
 			}
 		}
@@ -148,17 +148,17 @@ func FuzzParseSignature(f *testing.F) {
 	f.Add("garbage")
 	f.Add("t=1,v0=1,v1=" + strings.Repeat("0", 64) + ",")
 	f.Fuzz(func(t *testing.T, header string) {
-		sig, err := parseSignature(header)
+		sig, err := ParseSignature(header)
 		if err != nil {
 			return
 		}
-		if sig.timestamp == "" || strings.Trim(sig.timestamp, "0123456789") != "" {
-			t.Fatalf("accepted t %q", sig.timestamp)
+		if sig.Timestamp == "" || strings.Trim(sig.Timestamp, "0123456789") != "" {
+			t.Fatalf("accepted t %q", sig.Timestamp)
 		}
-		if len(sig.v1) == 0 || len(sig.v1) > maxV1Signatures {
-			t.Fatalf("accepted %d v1", len(sig.v1))
+		if len(sig.V1) == 0 || len(sig.V1) > maxV1Signatures {
+			t.Fatalf("accepted %d v1", len(sig.V1))
 		}
-		for _, mac := range sig.v1 {
+		for _, mac := range sig.V1 {
 			if len(mac) != 32 {
 				t.Fatalf("accepted a %d-byte MAC", len(mac))
 			}
@@ -171,25 +171,25 @@ func FuzzParseSignature(f *testing.F) {
 func TestVerifyNamesTheMatchingSecret(t *testing.T) {
 	secrets := [][]byte{testSecret, testOldSecret}
 	for want, secret := range map[int][]byte{1: testSecret, 2: testOldSecret} {
-		sig, err := parseSignature(SignatureHeaderValue(secret, testNow, testBody))
+		sig, err := ParseSignature(SignatureHeaderValue(secret, testNow, testBody))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, err := sig.verify(testBody, newMACKeys(secrets), testNow, time.Minute); err != nil || got != want {
+		if got, err := sig.Verify(testBody, NewMACKeys(secrets), testNow, time.Minute); err != nil || got != want {
 			t.Errorf("signed with secret #%d: position %d, %v", want, got, err)
 		}
 	}
 	// a header carrying v1s of both: the first configured secret is named
 	both := SignatureHeaderValue(testOldSecret, testNow, testBody) + "," +
 		strings.SplitN(SignatureHeaderValue(testSecret, testNow, testBody), ",", 2)[1]
-	sig, err := parseSignature(both)
+	sig, err := ParseSignature(both)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := sig.verify(testBody, newMACKeys(secrets), testNow, time.Minute); err != nil || got != 1 {
+	if got, err := sig.Verify(testBody, NewMACKeys(secrets), testNow, time.Minute); err != nil || got != 1 {
 		t.Errorf("both secrets: position %d, %v", got, err)
 	}
-	if got, err := sig.verify(testBody, newMACKeys(secrets), testNow.Add(2*time.Minute), time.Minute); err == nil || got != 0 {
+	if got, err := sig.Verify(testBody, NewMACKeys(secrets), testNow.Add(2*time.Minute), time.Minute); err == nil || got != 0 {
 		t.Errorf("stale: position %d, %v", got, err)
 	}
 }
@@ -198,7 +198,7 @@ func TestVerifyNamesTheMatchingSecret(t *testing.T) {
 // never carry state from another request's body or secret, whatever the
 // interleaving (the race detector watches the pool too).
 func TestVerifyConcurrentPooledMACs(t *testing.T) {
-	keys := newMACKeys([][]byte{testSecret, testOldSecret})
+	keys := NewMACKeys([][]byte{testSecret, testOldSecret})
 	var wg sync.WaitGroup
 	for g := range 8 {
 		wg.Go(func() {
@@ -208,17 +208,17 @@ func TestVerifyConcurrentPooledMACs(t *testing.T) {
 				if i%2 == 1 {
 					secret, want = testOldSecret, 2
 				}
-				sig, err := parseSignature(SignatureHeaderValue(secret, testNow, body))
+				sig, err := ParseSignature(SignatureHeaderValue(secret, testNow, body))
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				if got, err := sig.verify(body, keys, testNow, time.Minute); err != nil || got != want {
+				if got, err := sig.Verify(body, keys, testNow, time.Minute); err != nil || got != want {
 					t.Errorf("genuine: position %d, %v", got, err)
 					return
 				}
 				// the same MAC over a body one byte longer must fail
-				if _, err := sig.verify(append(body, 'x'), keys, testNow, time.Minute); !errors.Is(err, errSignatureInvalid) {
+				if _, err := sig.Verify(append(body, 'x'), keys, testNow, time.Minute); !errors.Is(err, errSignatureInvalid) {
 					t.Errorf("a changed body verified: %v", err)
 					return
 				}

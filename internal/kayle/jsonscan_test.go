@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"bytes"
@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 )
 
 var jsonSeeds = []string{
@@ -30,7 +32,7 @@ func TestScanJSONMatchesEncodingJSON(t *testing.T) {
 		checkScanJSON(t, []byte(strings.Repeat("[", depth)+strings.Repeat("]", depth)))
 		checkScanJSON(t, []byte(`{"type":`+strings.Repeat(`{"a":`, depth-1)+"1"+strings.Repeat("}", depth)))
 	}
-	files, _ := filepath.Glob(filepath.Join(vectorsDir, "bodies/*.json"))
+	files, _ := filepath.Glob(filepath.Join(kayletest.VectorsDir, "bodies/*.json"))
 	if len(files) == 0 {
 		t.Fatal("no plaintext vectors")
 	}
@@ -92,4 +94,35 @@ func FuzzScanJSON(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		checkScanJSON(t, data)
 	})
+}
+
+func TestFoldEqual(t *testing.T) {
+	for _, c := range []struct {
+		key, name string
+		want      bool
+	}{
+		{"type", "type", true},
+		{"TYPE", "type", true},
+		{"tyPe", "type", true},
+		{"ty_pe", "type", true},
+		{"-type-", "type", true},
+		{"typ", "type", false},
+		{"types", "type", false},
+		{"tipe", "type", false},
+		{"", "type", false},
+		{"eventId", "event_id", true},
+		{"EVENTID", "event_id", true},
+		{"event__id", "event_id", true},
+		{"event_id_", "event_id", true},
+		{"event_ids", "event_id", false},
+		{"verification_\u017fession_id", "verification_session_id", true}, // ſ folds to s
+		{"\u212aey", "key", true}, // KELVIN SIGN folds to k
+		{"verification_attempt_id", "verification_session_id", false},
+		{"type\xff", "type", false},
+		{"t\u0131pe", "tipe", false}, // dotless ı has no simple fold to i
+	} {
+		if got := foldEqual([]byte(c.key), c.name); got != c.want {
+			t.Errorf("foldEqual(%q, %q) = %v, want %v", c.key, c.name, got, c.want)
+		}
+	}
 }

@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"errors"

@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"bytes"
@@ -9,17 +9,18 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/go-jose/go-jose/v4"
 )
 
-func demoRing(t *testing.T) *keyRing {
+func demoRing(t *testing.T) *KeyRing {
 	t.Helper()
-	key, err := demoKey()
+	key, err := kayletest.LoadDemoKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	kr := &keyRing{}
-	if err := kr.add(demoKID, key); err != nil {
+	kr := &KeyRing{}
+	if err := kr.Add(kayletest.DemoKID, key); err != nil {
 		t.Fatal(err)
 	}
 	return kr
@@ -36,10 +37,10 @@ func encryptTo(t *testing.T, payload []byte, pub *rsa.PublicKey, kid string, enc
 
 func TestDecryptRoundTrip(t *testing.T) {
 	kr := demoRing(t)
-	payload := eventPayload("evt_roundtrip")
+	payload := kayletest.EventPayload("evt_roundtrip")
 	for _, enc := range allowedContentEncryption {
-		plaintext, kid, err := kr.decrypt([]byte(encryptTo(t, payload, demoPublicKey(t), demoKID, enc)))
-		if err != nil || kid != demoKID || !bytes.Equal(plaintext, payload) {
+		plaintext, kid, err := kr.Decrypt([]byte(encryptTo(t, payload, kayletest.DemoPublicKey(t), kayletest.DemoKID, enc)))
+		if err != nil || kid != kayletest.DemoKID || !bytes.Equal(plaintext, payload) {
 			t.Errorf("%s: kid %q, %v", enc, kid, err)
 		}
 	}
@@ -50,43 +51,43 @@ func TestDecryptWithoutKIDTriesEachKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kr := &keyRing{}
-	demo, _ := demoKey()
-	if err := kr.add("other", other); err != nil {
+	kr := &KeyRing{}
+	demo, _ := kayletest.LoadDemoKey()
+	if err := kr.Add("other", other); err != nil {
 		t.Fatal(err)
 	}
-	if err := kr.add(demoKID, demo); err != nil {
+	if err := kr.Add(kayletest.DemoKID, demo); err != nil {
 		t.Fatal(err)
 	}
-	payload := eventPayload("evt_nokid")
-	plaintext, kid, err := kr.decrypt([]byte(encryptTo(t, payload, demoPublicKey(t), "", jose.A256GCM)))
-	if err != nil || kid != demoKID || !bytes.Equal(plaintext, payload) {
+	payload := kayletest.EventPayload("evt_nokid")
+	plaintext, kid, err := kr.Decrypt([]byte(encryptTo(t, payload, kayletest.DemoPublicKey(t), "", jose.A256GCM)))
+	if err != nil || kid != kayletest.DemoKID || !bytes.Equal(plaintext, payload) {
 		t.Fatalf("kid %q, %v", kid, err)
 	}
 	stranger, _ := rsa.GenerateKey(rand.Reader, 2048)
-	if _, _, err := kr.decrypt([]byte(encryptTo(t, payload, &stranger.PublicKey, "", jose.A256GCM))); !errors.Is(err, errDecrypt) {
+	if _, _, err := kr.Decrypt([]byte(encryptTo(t, payload, &stranger.PublicKey, "", jose.A256GCM))); !errors.Is(err, ErrDecrypt) {
 		t.Fatalf("a JWE for no key we hold: %v", err)
 	}
 }
 
 func TestDecryptKeyring(t *testing.T) {
 	kr := demoRing(t)
-	demo, _ := demoKey()
-	if err := kr.add(demoKID, demo); err == nil {
+	demo, _ := kayletest.LoadDemoKey()
+	if err := kr.Add(kayletest.DemoKID, demo); err == nil {
 		t.Error("a repeated kid was accepted")
 	}
-	if err := kr.add("", demo); err == nil {
+	if err := kr.Add("", demo); err == nil {
 		t.Error("an empty kid was accepted")
 	}
 	// a kid we hold no key for is our misconfiguration, told apart from a bad JWE
-	body := encryptTo(t, eventPayload("evt"), demoPublicKey(t), "k-new", jose.A256GCM)
-	if _, kid, err := kr.decrypt([]byte(body)); !errors.Is(err, errUnknownKeyID) || kid != "k-new" {
+	body := encryptTo(t, kayletest.EventPayload("evt"), kayletest.DemoPublicKey(t), "k-new", jose.A256GCM)
+	if _, kid, err := kr.Decrypt([]byte(body)); !errors.Is(err, ErrUnknownKeyID) || kid != "k-new" {
 		t.Errorf("unknown kid: %q %v", kid, err)
 	}
 	// a kid naming a key that is not the one Kayle used: a decryption failure
 	stranger, _ := rsa.GenerateKey(rand.Reader, 2048)
-	body = encryptTo(t, eventPayload("evt"), &stranger.PublicKey, demoKID, jose.A256GCM)
-	if _, _, err := kr.decrypt([]byte(body)); !errors.Is(err, errDecrypt) {
+	body = encryptTo(t, kayletest.EventPayload("evt"), &stranger.PublicKey, kayletest.DemoKID, jose.A256GCM)
+	if _, _, err := kr.Decrypt([]byte(body)); !errors.Is(err, ErrDecrypt) {
 		t.Errorf("wrong key under our kid: %v", err)
 	}
 }
@@ -94,7 +95,7 @@ func TestDecryptKeyring(t *testing.T) {
 // TestDecryptAttacks feeds altered JWEs; none may decrypt.
 func TestDecryptAttacks(t *testing.T) {
 	kr := demoRing(t)
-	genuine := encryptTo(t, eventPayload("evt_attack"), demoPublicKey(t), demoKID, jose.A256GCM)
+	genuine := encryptTo(t, kayletest.EventPayload("evt_attack"), kayletest.DemoPublicKey(t), kayletest.DemoKID, jose.A256GCM)
 	parts := strings.Split(genuine, ".")
 	if len(parts) != 5 {
 		t.Fatalf("%d parts", len(parts))
@@ -136,25 +137,25 @@ func TestDecryptAttacks(t *testing.T) {
 		"huge parts":           join(parts[0], parts[1], parts[2], strings.Repeat("A", 3<<20), parts[4]),
 	}
 	for name, body := range attacks {
-		if plaintext, _, err := kr.decrypt(body); err == nil {
+		if plaintext, _, err := kr.Decrypt(body); err == nil {
 			t.Errorf("%s: decrypted (%d bytes)", name, len(plaintext))
 		}
 	}
 	// A key algorithm that wraps with a symmetric key made from our public key
 	// (alg confusion) is refused while parsing, before any key is touched.
 	for _, name := range []string{"alg none", "alg dir", "alg RSA1_5", "alg RSA-OAEP", "enc CBC-HS"} {
-		if _, _, err := kr.decrypt(attacks[name]); !errors.Is(err, errNotJWE) {
+		if _, _, err := kr.Decrypt(attacks[name]); !errors.Is(err, ErrNotJWE) {
 			t.Errorf("%s: %v, want errNotJWE", name, err)
 		}
 	}
 }
 
 func TestParseEvent(t *testing.T) {
-	ev, err := parseEvent([]byte(`{"type":"verification.attempt.failed","metadata":{"contract_version":2,"event_id":"evt_1","verification_session_id":"vs_1","verification_attempt_id":"va_1"},"data":{}}`))
-	if err != nil || ev != (event{ID: "evt_1", Type: "verification.attempt.failed", SessionID: "vs_1", ContractVersion: "2"}) {
+	ev, err := ParseEvent([]byte(`{"type":"verification.attempt.failed","metadata":{"contract_version":2,"event_id":"evt_1","verification_session_id":"vs_1","verification_attempt_id":"va_1"},"data":{}}`))
+	if err != nil || ev != (Event{ID: "evt_1", Type: "verification.attempt.failed", SessionID: "vs_1", ContractVersion: "2"}) {
 		t.Fatalf("%+v %v", ev, err)
 	}
-	if ev, err := parseEvent([]byte(`{"metadata":{"event_id":"evt_2"}}`)); err != nil || ev.ID != "evt_2" || ev.Type != "" {
+	if ev, err := ParseEvent([]byte(`{"metadata":{"event_id":"evt_2"}}`)); err != nil || ev.ID != "evt_2" || ev.Type != "" {
 		t.Errorf("minimal payload: %+v %v", ev, err)
 	}
 	bad := map[string]string{
@@ -167,7 +168,7 @@ func TestParseEvent(t *testing.T) {
 		"event id number":   `{"metadata":{"event_id":12}}`,
 		"event id empty":    `{"metadata":{"event_id":""}}`,
 		"event id newline":  `{"metadata":{"event_id":"evt\r\nX-Kayle-Verified: true"}}`,
-		"event id too long": `{"metadata":{"event_id":"` + strings.Repeat("e", maxIDLen+1) + `"}}`,
+		"event id too long": `{"metadata":{"event_id":"` + strings.Repeat("e", MaxIDLen+1) + `"}}`,
 		"type with nul":     `{"type":"a\u0000b","metadata":{"event_id":"evt"}}`,
 		"event id spaced":   `{"metadata":{"event_id":" evt "}}`,
 		"event id blank":    `{"metadata":{"event_id":"   "}}`,
@@ -178,7 +179,7 @@ func TestParseEvent(t *testing.T) {
 		"type is object":    `{"type":{"a":"Marie"},"metadata":{"event_id":"evt"}}`,
 	}
 	for name, payload := range bad {
-		_, err := parseEvent([]byte(payload))
+		_, err := ParseEvent([]byte(payload))
 		if err == nil {
 			t.Errorf("%s: accepted", name)
 			continue
@@ -196,7 +197,7 @@ func TestParseEvent(t *testing.T) {
 // go-jose would inflate to ten times its size) is refused before any RSA.
 func TestDecryptRefusesCompression(t *testing.T) {
 	encrypter, err := jose.NewEncrypter(jose.A256GCM,
-		jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: demoPublicKey(t), KeyID: demoKID},
+		jose.Recipient{Algorithm: jose.RSA_OAEP_256, Key: kayletest.DemoPublicKey(t), KeyID: kayletest.DemoKID},
 		&jose.EncrypterOptions{Compression: jose.DEFLATE})
 	if err != nil {
 		t.Fatal(err)
@@ -209,7 +210,7 @@ func TestDecryptRefusesCompression(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := demoRing(t).decrypt([]byte(compact)); !errors.Is(err, errNotJWE) {
+	if _, _, err := demoRing(t).Decrypt([]byte(compact)); !errors.Is(err, ErrNotJWE) {
 		t.Fatalf("a compressed JWE: %v, want errNotJWE", err)
 	}
 }
@@ -219,17 +220,17 @@ func TestDecryptRefusesCompression(t *testing.T) {
 // memory: wiping the body afterwards must change nothing.
 func TestDecryptKeepsNothingOfTheBody(t *testing.T) {
 	kr := demoRing(t)
-	payload := eventPayload("evt_no_alias")
-	body := []byte(encryptTo(t, payload, demoPublicKey(t), demoKID, jose.A256GCM))
-	plaintext, kid, err := kr.decrypt(body)
+	payload := kayletest.EventPayload("evt_no_alias")
+	body := []byte(encryptTo(t, payload, kayletest.DemoPublicKey(t), kayletest.DemoKID, jose.A256GCM))
+	plaintext, kid, err := kr.Decrypt(body)
 	if err != nil {
 		t.Fatal(err)
 	}
 	clear(body)
-	if !bytes.Equal(plaintext, payload) || kid != demoKID {
+	if !bytes.Equal(plaintext, payload) || kid != kayletest.DemoKID {
 		t.Fatalf("plaintext or kid changed with the body: %q", kid)
 	}
-	if _, _, err := kr.decrypt(body); !errors.Is(err, errNotJWE) {
+	if _, _, err := kr.Decrypt(body); !errors.Is(err, ErrNotJWE) {
 		t.Fatalf("a wiped body: %v", err)
 	}
 }

@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"bytes"
@@ -24,23 +24,23 @@ var (
 )
 
 // Decryption failures, told apart because they call for different answers:
-// errUnknownKeyID is our misconfiguration (the sender is authenticated), the
+// ErrUnknownKeyID is our misconfiguration (the sender is authenticated), the
 // others are deliveries that can never be used.
 var (
-	errNotJWE       = errors.New("body is not a compact JWE with RSA-OAEP-256 and A128GCM, A192GCM or A256GCM")
-	errUnknownKeyID = errors.New("JWE is encrypted to a key id this gateway holds no private key for")
-	errDecrypt      = errors.New("JWE does not decrypt with the private key(s) tried (wrong key, or tampered ciphertext)")
+	ErrNotJWE       = errors.New("body is not a compact JWE with RSA-OAEP-256 and A128GCM, A192GCM or A256GCM")
+	ErrUnknownKeyID = errors.New("JWE is encrypted to a key id this gateway holds no private key for")
+	ErrDecrypt      = errors.New("JWE does not decrypt with the private key(s) tried (wrong key, or tampered ciphertext)")
 )
 
-// decryptionKey is one private key and the kid Kayle knows it by.
-type decryptionKey struct {
-	kid string
-	key *rsa.PrivateKey
+// Key is one private key and the kid Kayle knows it by.
+type Key struct {
+	KID     string
+	Private *rsa.PrivateKey
 }
 
-// keyRing holds the private keys, in configuration order, looked up by kid.
-type keyRing struct {
-	keys    []decryptionKey
+// KeyRing holds the private keys, in configuration order, looked up by kid.
+type KeyRing struct {
+	Keys    []Key
 	byKID   map[string]*rsa.PrivateKey
 	headers *headerCache // made by add
 }
@@ -73,7 +73,7 @@ const (
 	maxCachedHeaderLen = 512
 )
 
-func (kr *keyRing) add(kid string, key *rsa.PrivateKey) error {
+func (kr *KeyRing) Add(kid string, key *rsa.PrivateKey) error {
 	if kid == "" {
 		return errors.New("a decryption key needs a key id (kid)")
 	}
@@ -85,11 +85,11 @@ func (kr *keyRing) add(kid string, key *rsa.PrivateKey) error {
 		kr.headers = &headerCache{}
 	}
 	kr.byKID[kid] = key
-	kr.keys = append(kr.keys, decryptionKey{kid: kid, key: key})
+	kr.Keys = append(kr.Keys, Key{KID: kid, Private: key})
 	return nil
 }
 
-// decrypt parses body as a compact JWE restricted to Kayle's algorithms and
+// Decrypt parses body as a compact JWE restricted to Kayle's algorithms and
 // decrypts it with the key its kid names, or with each key in turn when it
 // names none. It returns the plaintext and the kid of the key that worked.
 //
@@ -98,60 +98,60 @@ func (kr *keyRing) add(kid string, key *rsa.PrivateKey) error {
 // once, into a buffer that AES-GCM then decrypts in place. (go-jose's own
 // Decrypt makes three copies of it: decoded, joined to the tag, and the
 // plaintext; for a face-image event those were most of the heap.)
-func (kr *keyRing) decrypt(body []byte) (plaintext []byte, kid string, err error) {
+func (kr *KeyRing) Decrypt(body []byte) (plaintext []byte, kid string, err error) {
 	parts, ok := compactParts(body)
 	if !ok {
-		return nil, "", fmt.Errorf("%w: not five dot-separated parts", errNotJWE)
+		return nil, "", fmt.Errorf("%w: not five dot-separated parts", ErrNotJWE)
 	}
 	header, err := kr.header(parts)
 	if err != nil {
-		return nil, "", fmt.Errorf("%w: %v", errNotJWE, err)
+		return nil, "", fmt.Errorf("%w: %v", ErrNotJWE, err)
 	}
 	// Kayle does not compress; go-jose would inflate up to ten times the body
 	if header.zip {
-		return nil, "", fmt.Errorf("%w: compressed (zip) JWEs are not accepted", errNotJWE)
+		return nil, "", fmt.Errorf("%w: compressed (zip) JWEs are not accepted", ErrNotJWE)
 	}
 	// go-jose decoded these too when it parsed the header; not when the
 	// header's verdict came from the cache
 	b64 := base64.RawURLEncoding
 	wrapped, err := b64.AppendDecode(nil, parts[1])
 	if err != nil {
-		return nil, "", fmt.Errorf("%w: encrypted key: %v", errNotJWE, err)
+		return nil, "", fmt.Errorf("%w: encrypted key: %v", ErrNotJWE, err)
 	}
 	iv, err := b64.AppendDecode(nil, parts[2])
 	if err != nil {
-		return nil, "", fmt.Errorf("%w: iv: %v", errNotJWE, err)
+		return nil, "", fmt.Errorf("%w: iv: %v", ErrNotJWE, err)
 	}
 	sealed, tagLen, err := decodeSealed(parts[3], parts[4])
 	if err != nil {
-		return nil, "", fmt.Errorf("%w: %v", errNotJWE, err)
+		return nil, "", fmt.Errorf("%w: %v", ErrNotJWE, err)
 	}
-	keys := kr.keys
+	keys := kr.Keys
 	if kid = header.kid; kid != "" {
 		key, ok := kr.byKID[kid]
 		if !ok {
-			return nil, kid, errUnknownKeyID
+			return nil, kid, ErrUnknownKeyID
 		}
-		keys = []decryptionKey{{kid: kid, key: key}}
+		keys = []Key{{KID: kid, Private: key}}
 	}
 	// No critical extension is understood here (go-jose's Decrypt refuses any too)
 	if header.crit {
-		return nil, kid, errDecrypt
+		return nil, kid, ErrDecrypt
 	}
 	for _, k := range keys {
 		// a wrong key fails OAEP's padding check; a tampered key or content
 		// passes it with negligible chance, so the first key that unwraps is
 		// the one (the in-place Open below cannot be retried)
-		cek, err := unwrapKey(wrapped, k.key, header.keySize)
+		cek, err := unwrapKey(wrapped, k.Private, header.keySize)
 		if err != nil {
 			continue
 		}
 		if plaintext, err = openSealed(cek, header.aad, iv, sealed, tagLen); err != nil {
-			return nil, kid, errDecrypt
+			return nil, kid, ErrDecrypt
 		}
-		return plaintext, k.kid, nil
+		return plaintext, k.KID, nil
 	}
-	return nil, kid, errDecrypt
+	return nil, kid, ErrDecrypt
 }
 
 // header returns go-jose's verdict on the JWE's protected header: from the
@@ -159,7 +159,7 @@ func (kr *keyRing) decrypt(body []byte) (plaintext []byte, kid string, err error
 // checks the allowlists and types, and decodes the small parts, not the big
 // one). ParseEncryptedCompact, not ParseEncrypted: the latter strips
 // whitespace from the whole input byte by byte first.
-func (kr *keyRing) header(parts [5][]byte) (joseHeader, error) {
+func (kr *KeyRing) header(parts [5][]byte) (joseHeader, error) {
 	if kr.headers != nil {
 		if cached, ok := kr.headers.byBytes.Load(string(parts[0])); ok {
 			return cached.(joseHeader), nil
@@ -240,7 +240,7 @@ func unwrapKey(wrapped []byte, key *rsa.PrivateKey, keySize int) ([]byte, error)
 		return nil, err
 	}
 	if len(cek) != keySize {
-		return nil, errDecrypt
+		return nil, ErrDecrypt
 	}
 	return cek, nil
 }
@@ -256,7 +256,7 @@ func openSealed(cek, aad, iv, sealed []byte, tagLen int) ([]byte, error) {
 		return nil, err
 	}
 	if len(iv) != gcm.NonceSize() || tagLen != gcm.Overhead() {
-		return nil, errDecrypt
+		return nil, ErrDecrypt
 	}
 	return gcm.Open(sealed[:0], iv, sealed, aad)
 }

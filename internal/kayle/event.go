@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"bytes"
@@ -7,8 +7,8 @@ import (
 	"strconv"
 )
 
-// maxIDLen bounds the ids copied into headers, placeholders and logs.
-const maxIDLen = 256
+// MaxIDLen bounds the ids copied into headers, placeholders and logs.
+const MaxIDLen = 256
 
 var (
 	errPayloadNotJSON  = errors.New("decrypted payload is not a JSON object")
@@ -16,9 +16,9 @@ var (
 	errContractVersion = errors.New("decrypted payload field metadata.contract_version is not an integer from 1 to " + strconv.Itoa(maxContractVersion))
 )
 
-// event is what the gateway reads from a decrypted payload: ids only. The
+// Event is what the gateway reads from a decrypted payload: ids only. The
 // rest of the plaintext is passed to the backend untouched and never kept.
-type event struct {
+type Event struct {
 	ID              string
 	Type            string
 	SessionID       string
@@ -36,7 +36,7 @@ var (
 	metadataNames = [...]string{"event_id", "verification_session_id", "contract_version"}
 )
 
-// parseEvent validates a decrypted payload as JSON and reads its ids. Its
+// ParseEvent validates a decrypted payload as JSON and reads its ids. Its
 // errors never quote the plaintext (encoding/json's would).
 //
 // A field it reads must be unambiguous: a backend decoding the body into a
@@ -44,55 +44,55 @@ var (
 // a "TYPE" beside "type" (or an "EVENT_ID", "eventId", a repeated
 // "event_id") would have it read another event than the one the gateway
 // deduplicated and filtered on.
-func parseEvent(plaintext []byte) (event, error) {
+func ParseEvent(plaintext []byte) (Event, error) {
 	if trimmed := bytes.TrimLeft(plaintext, " \t\r\n"); len(trimmed) == 0 || trimmed[0] != '{' {
-		return event{}, errPayloadNotJSON
+		return Event{}, errPayloadNotJSON
 	}
 	var top [2]member
 	if err := scanJSON(plaintext, topNames[:], top[:]); err != nil {
-		return event{}, errPayloadNotJSON
+		return Event{}, errPayloadNotJSON
 	}
 	if top[0].ambiguous {
-		return event{}, errAmbiguous("type")
+		return Event{}, errAmbiguous("type")
 	}
 	if top[1].ambiguous {
-		return event{}, errAmbiguous("metadata")
+		return Event{}, errAmbiguous("metadata")
 	}
-	var ev event
+	var ev Event
 	if err := optionalString(top[0].value, "type", &ev.Type); err != nil {
-		return event{}, err
+		return Event{}, err
 	}
 	metadata := top[1].value
 	if metadata == nil || string(metadata) == "null" {
-		return event{}, errNoEventID
+		return Event{}, errNoEventID
 	}
 	if metadata[0] != '{' {
-		return event{}, errWrongType("metadata")
+		return Event{}, errWrongType("metadata")
 	}
 	var meta [3]member
 	if err := scanJSON(metadata, metadataNames[:], meta[:]); err != nil {
-		return event{}, errPayloadNotJSON // cannot happen: metadata was validated
+		return Event{}, errPayloadNotJSON // cannot happen: metadata was validated
 	}
 	for i, name := range metadataNames {
 		if meta[i].ambiguous {
-			return event{}, errAmbiguous("metadata." + name)
+			return Event{}, errAmbiguous("metadata." + name)
 		}
 	}
 	if v := meta[0].value; v == nil || string(v) == "null" {
-		return event{}, errNoEventID
+		return Event{}, errNoEventID
 	}
 	if err := optionalString(meta[0].value, "metadata.event_id", &ev.ID); err != nil {
-		return event{}, err
+		return Event{}, err
 	}
 	if err := optionalString(meta[1].value, "metadata.verification_session_id", &ev.SessionID); err != nil {
-		return event{}, err
+		return Event{}, err
 	}
 	if v := meta[2].value; v != nil && string(v) != "null" {
 		if v[0] != '-' && (v[0] < '0' || v[0] > '9') {
-			return event{}, errWrongType("metadata.contract_version")
+			return Event{}, errWrongType("metadata.contract_version")
 		}
 		if !contractVersionOK(v) {
-			return event{}, errContractVersion
+			return Event{}, errContractVersion
 		}
 		ev.ContractVersion = string(v)
 	}
@@ -102,8 +102,8 @@ func parseEvent(plaintext []byte) (event, error) {
 		{"metadata.verification_session_id", ev.SessionID},
 		{"metadata.contract_version", ev.ContractVersion},
 	} {
-		if (f.value != "" || f.name == "metadata.event_id") && !headerSafe(f.value) {
-			return event{}, errUnsafeID(f.name)
+		if (f.value != "" || f.name == "metadata.event_id") && !HeaderSafe(f.value) {
+			return Event{}, errUnsafeID(f.name)
 		}
 	}
 	return ev, nil
@@ -155,14 +155,14 @@ func errUnsafeID(field string) error {
 	return errors.New("decrypted payload field " + field + " is empty, longer than 256 bytes, not printable ASCII, or starts or ends with a space; the backend could not receive it byte for byte")
 }
 
-// headerSafe reports whether s reaches the backend in a header exactly as
+// HeaderSafe reports whether s reaches the backend in a header exactly as
 // the gateway deduplicated on it, and can go in a log line as is: 1 to 256
 // bytes of printable ASCII (Kayle's ids are ASCII), no leading or trailing
 // space (net/http trims those as it writes a header, so " evt_1" and
 // "evt_1" would be two events to the dedupe but one id to the backend; a
 // backend would read UTF-8 as Latin-1).
-func headerSafe(s string) bool {
-	if s == "" || len(s) > maxIDLen || s[0] == ' ' || s[len(s)-1] == ' ' {
+func HeaderSafe(s string) bool {
+	if s == "" || len(s) > MaxIDLen || s[0] == ' ' || s[len(s)-1] == ' ' {
 		return false
 	}
 	for i := 0; i < len(s); i++ {

@@ -1,4 +1,4 @@
-package kaylewebhook
+package kayle
 
 import (
 	"crypto/rsa"
@@ -13,13 +13,13 @@ import (
 	"github.com/go-jose/go-jose/v4"
 )
 
-// minRSABits is the smallest key Kayle accepts for registration.
-const minRSABits = 2048
+// MinRSABits is the smallest key Kayle accepts for registration.
+const MinRSABits = 2048
 
-// loadPrivateKeyFile reads one RSA private key: PEM (PKCS#8 or PKCS#1) or a
+// LoadPrivateKeyFile reads one RSA private key: PEM (PKCS#8 or PKCS#1) or a
 // JWK. The kid in a JWK, if any, is returned so a mismatch can be refused.
-func loadPrivateKeyFile(path string) (key *rsa.PrivateKey, jwkKID string, err error) {
-	data, jwk, err := readKeyFile(path)
+func LoadPrivateKeyFile(path string) (key *rsa.PrivateKey, jwkKID string, err error) {
+	data, jwk, err := ReadKeyFile(path)
 	if err != nil {
 		return nil, "", err
 	}
@@ -37,8 +37,8 @@ func loadPrivateKeyFile(path string) (key *rsa.PrivateKey, jwkKID string, err er
 	return key, "", nil
 }
 
-// readKeyFile reads a key file and, when it is JSON, parses it as a JWK.
-func readKeyFile(path string) (data []byte, jwk *jose.JSONWebKey, err error) {
+// ReadKeyFile reads a key file and, when it is JSON, parses it as a JWK.
+func ReadKeyFile(path string) (data []byte, jwk *jose.JSONWebKey, err error) {
 	data, err = os.ReadFile(path)
 	if err != nil || !isJSON(data) {
 		return data, nil, err
@@ -50,8 +50,8 @@ func readKeyFile(path string) (data []byte, jwk *jose.JSONWebKey, err error) {
 	return data, jwk, nil
 }
 
-// loadJWKSFile reads a JWKS of RSA private keys; every key must carry a kid.
-func loadJWKSFile(path string) ([]decryptionKey, error) {
+// LoadJWKSFile reads a JWKS of RSA private keys; every key must carry a kid.
+func LoadJWKSFile(path string) ([]Key, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
@@ -63,7 +63,7 @@ func loadJWKSFile(path string) ([]decryptionKey, error) {
 	if len(set.Keys) == 0 {
 		return nil, fmt.Errorf("%s: the JWKS holds no keys", path)
 	}
-	keys := make([]decryptionKey, 0, len(set.Keys))
+	keys := make([]Key, 0, len(set.Keys))
 	for i, jwk := range set.Keys {
 		if jwk.KeyID == "" {
 			return nil, fmt.Errorf("%s: key #%d has no kid", path, i+1)
@@ -72,7 +72,7 @@ func loadJWKSFile(path string) ([]decryptionKey, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: key %q: %v", path, jwk.KeyID, err)
 		}
-		keys = append(keys, decryptionKey{kid: jwk.KeyID, key: key})
+		keys = append(keys, Key{KID: jwk.KeyID, Private: key})
 	}
 	return keys, nil
 }
@@ -126,8 +126,8 @@ func parsePrivateKeyPEM(data []byte) (*rsa.PrivateKey, error) {
 }
 
 func checkRSAKey(key *rsa.PrivateKey) (*rsa.PrivateKey, error) {
-	if bits := key.N.BitLen(); bits < minRSABits {
-		return nil, fmt.Errorf("RSA key is %d bits; at least %d are required", bits, minRSABits)
+	if bits := key.N.BitLen(); bits < MinRSABits {
+		return nil, fmt.Errorf("RSA key is %d bits; at least %d are required", bits, MinRSABits)
 	}
 	if err := key.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid RSA key: %v", err)
@@ -154,7 +154,7 @@ func jsonErrorWithoutInput(err error) error {
 // public key (PEM "PUBLIC KEY" or "RSA PUBLIC KEY", or a JWK) or a private
 // key (PEM or JWK), whose public half is used. A JWK's kid is returned.
 func LoadPublicKeyFile(path string) (pub *rsa.PublicKey, jwkKID string, err error) {
-	data, jwk, err := readKeyFile(path)
+	data, jwk, err := ReadKeyFile(path)
 	if err != nil {
 		return nil, "", err
 	}
