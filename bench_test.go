@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"testing"
 	"time"
 
@@ -66,25 +65,6 @@ func BenchmarkHandler(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				if _, _, err := h.keys.Decrypt(body); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
-	}
-}
-
-// BenchmarkReadBody reads a delivery's body as net/http hands it over, with
-// its Content-Length: Kayle's ordinary size, a face-image event, and the
-// 1 MiB payload of the memory test.
-func BenchmarkReadBody(b *testing.B) {
-	for _, size := range []int{1000, 270_000, 1_400_000} {
-		sent := bytes.Repeat([]byte("k"), size)
-		b.Run(strconv.Itoa(size), func(b *testing.B) {
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			for b.Loop() {
-				r := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(sent))
-				if _, err := readBody(httptest.NewRecorder(), r, defaultMaxBodySize); err != nil {
 					b.Fatal(err)
 				}
 			}

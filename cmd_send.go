@@ -3,6 +3,7 @@ package kaylewebhook
 import (
 	"bytes"
 	"context"
+	"crypto/rsa"
 	"errors"
 	"fmt"
 	"io"
@@ -68,7 +69,9 @@ Makes a webhook delivery as Kayle does and POSTs it: a sample payload (or
 --payload) encrypted to an RSA public key as a compact JWE (RSA-OAEP-256),
 signed with the endpoint's signing secret in X-Kayle-Signature. For each
 request it prints the status line, X-Kayle-Duplicate if present and the
-response body. It exits 0 only if every response was 2xx.
+response body, and the gateway's X-Kayle-Refused reason when it refused.
+It exits 0 only if every response was 2xx (with --corrupt: the expected
+refusal).
 
 The defaults are the demo material in testdata/demo and the address
 Caddyfile.example listens on, so from the repository root:
@@ -92,6 +95,13 @@ paths are relative to the current directory.
 
 --event-id <id>
     Use this metadata.event_id in the sample, e.g. to send one event twice.
+
+--config <file> [--adapter <name>]
+    The gateway's config: the signing secret, the key (the public half of
+    the configured private key) and its kid are taken from its first
+    kayle_webhook handler, placeholders resolved as the gateway resolves
+    them. --key, --kid and --secret(-file), when given, still win. Give
+    --url too: the config does not say how Kayle reaches the gateway.
 
 --key <file>
     The RSA key to encrypt to: a public key (PEM or JWK) or a private key
@@ -127,6 +137,7 @@ paths are relative to the current directory.
       ciphertext  flip a ciphertext byte, then sign           (422)
       body        sign a body that is not a JWE               (422)
       kid         encrypt to a kid the gateway does not hold  (500)
+    The command then exits 0 only if every answer had that status.
 
 --url <url>
     Where to POST. Default: http://localhost:8080/ (or $KAYLE_LISTEN_PORT).
@@ -137,9 +148,11 @@ paths are relative to the current directory.
     the payload (like Caddyfile.example's demo backend) shows it anyway.
 `,
 		Args: cobra.NoArgs,
-		RunE: caddycmd.WrapCommandFuncForCobra(cmdKayleSend),
+		RunE: runWith(cmdKayleSend),
 	}
 	f := cmd.Flags()
+	f.String("config", "", "the gateway's config: take the secret, key and kid from its first kayle_webhook handler")
+	f.String("adapter", "", "the config adapter, as for caddy run (default: by the file name)")
 	f.String("url", "", "URL to POST to (default http://localhost:8080/)")
 	f.StringP("type", "t", defaultEventType, "event type of the sample payload")
 	f.String("payload", "", "file holding the plaintext payload to send as is, instead of a sample")
@@ -159,6 +172,8 @@ paths are relative to the current directory.
 // sendOptions is what "caddy kayle send" was asked to do. Empty fields take
 // the defaults documented on the command.
 type sendOptions struct {
+	Config       string // the gateway's config, for the secret, key and kid
+	Adapter      string
 	URL          string
 	EventType    string // sample type; with PayloadFile, only the X-Kayle-Event header
 	PayloadFile  string
@@ -175,12 +190,12 @@ type sendOptions struct {
 	PrintPayload bool
 }
 
-func cmdKayleSend(fl caddycmd.Flags) (int, error) {
+func cmdKayleSend(fl caddycmd.Flags, _ []string, s cmdIO) (int, error) {
 	opts, err := sendOptionsFromFlags(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	if err := runSend(context.Background(), opts, os.Stdout); err != nil {
+	if err := runSend(context.Background(), opts, s); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	return caddy.ExitCodeSuccess, nil
@@ -190,6 +205,11 @@ func cmdKayleSend(fl caddycmd.Flags) (int, error) {
 func sendOptionsFromFlags(fl caddycmd.Flags) (sendOptions, error) {
 	var o sendOptions
 	var err error
+	o.Config = fl.String("config")
+	o.Adapter = fl.String("adapter")
+	if fl.Changed("config") && o.Config == "" {
+		return o, errors.New("--config must not be empty")
+	}
 	o.URL = fl.String("url")
 	o.EventType = fl.String("type")
 	if fl.Changed("type") && o.EventType == "" {
@@ -233,6 +253,8 @@ func sendOptionsFromFlags(fl caddycmd.Flags) (sendOptions, error) {
 // number of times: Kayle retries resend the same ciphertext, signed anew.
 type sendPlan struct {
 	url        string
+	urlGiven   bool   // --url was given: the demo hint would mislead
+	from       string // the config handler the material came from, if any
 	eventType  string // X-Kayle-Event; not sent when empty
 	eventID    string // for display only; empty when a payload file has none
 	kid        string
@@ -270,20 +292,36 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 	if p.url, err = sendURL(o.URL); err != nil {
 		return nil, err
 	}
+	p.urlGiven = o.URL != ""
 	if o.Secret != "" && o.SecretFile != "" {
 		return nil, errors.New("give --secret or --secret-file, not both")
 	}
-	if p.secret, err = loadSecret(o); err != nil {
+	var conf *sendMaterial
+	if o.Config != "" {
+		if conf, err = configMaterial(o.Config, o.Adapter); err != nil {
+			return nil, err
+		}
+		p.from = conf.where
+	}
+	if conf != nil && o.Secret == "" && o.SecretFile == "" {
+		p.secret = conf.secret
+	} else if p.secret, err = loadSecret(o); err != nil {
 		return nil, err
 	}
 	if err := p.makePayload(o); err != nil {
 		return nil, err
 	}
 
-	keyFile, demo := defaultPath(o.KeyFile, "KAYLE_KEY_FILE", sendDefaultKeyFile)
-	pub, jwkKID, err := kayle.LoadPublicKeyFile(keyFile)
-	if err != nil {
-		return nil, fileError(err, keyFile, demo, "--key")
+	var pub *rsa.PublicKey
+	var jwkKID, keyFile string
+	if conf != nil && o.KeyFile == "" {
+		pub, jwkKID = conf.pub, conf.kid
+	} else {
+		var demo bool
+		keyFile, demo = defaultPath(o.KeyFile, "KAYLE_KEY_FILE", sendDefaultKeyFile)
+		if pub, jwkKID, err = kayle.LoadPublicKeyFile(keyFile); err != nil {
+			return nil, fileError(err, keyFile, demo, "--key")
+		}
 	}
 	switch {
 	case o.OmitKID:
@@ -298,7 +336,7 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		p.kid = sendDefaultKID
 	default:
 		// a guessed kid would only get a 500 from the gateway
-		return nil, fmt.Errorf("%s holds no kid and is not the demo key: pass --kid <the key_id it is registered under at Kayle> (or --kid \"\" to send none; the gateway then tries every key)", keyFile)
+		return nil, fmt.Errorf("%s holds no kid and is not the demo key: pass --kid <the key_id it is registered under at Kayle> (or --kid \"\" to send none; the gateway then tries every key), or --config <the gateway's config>", keyFile)
 	}
 	if p.corrupt == "kid" {
 		p.kid = unknownKID
@@ -387,9 +425,11 @@ func (p *sendPlan) newRequest(ctx context.Context, now time.Time) (*http.Request
 	return req, nil
 }
 
-// runSend sends the delivery o describes and prints each answer to out. It
-// returns an error if a request failed or any answer was not 2xx.
-func runSend(ctx context.Context, o sendOptions, out io.Writer) error {
+// runSend sends the delivery o describes and prints each answer to s.out.
+// It returns an error if a request failed or any answer was not 2xx (with
+// --corrupt: not the refusal the corruption must get).
+func runSend(ctx context.Context, o sendOptions, s cmdIO) error {
+	out := s.out
 	p, err := newSendPlan(o)
 	if err != nil {
 		return err
@@ -412,16 +452,22 @@ func runSend(ctx context.Context, o sendOptions, out io.Writer) error {
 		fmt.Fprintf(out, "\n#%d POST %s  %s: %s\n", i, p.url, kayle.HeaderDeliveryID, req.Header.Get(kayle.HeaderDeliveryID))
 		resp, err := client.Do(req)
 		if err != nil {
+			if p.urlGiven {
+				return fmt.Errorf("%v (is the gateway listening at %s?)", err, p.url)
+			}
 			return fmt.Errorf("%v (is the gateway running? go run ./cmd/caddy run --config Caddyfile.example)", err)
 		}
-		if !printResponse(out, resp) {
+		if !p.expected(printResponse(out, resp)) {
 			failed++
 		}
 	}
-	if failed > 0 {
-		return fmt.Errorf("%d of %d responses were not 2xx", failed, p.repeat)
+	if failed == 0 {
+		return nil
 	}
-	return nil
+	if p.corrupt != "" {
+		return fmt.Errorf("%d of %d responses were not the %d that --corrupt %s must get", failed, p.repeat, corruptions[p.corrupt], p.corrupt)
+	}
+	return fmt.Errorf("%d of %d responses were not 2xx", failed, p.repeat)
 }
 
 func (p *sendPlan) describe(out io.Writer) {
@@ -438,17 +484,29 @@ func (p *sendPlan) describe(out io.Writer) {
 		body = fmt.Sprintf("a %d-byte body that is not a JWE", len(p.body))
 	}
 	fmt.Fprintf(out, "%s event %s: %d-byte payload, %s\n", orNone(p.eventType), eventID, len(p.payload), body)
+	if p.from != "" {
+		fmt.Fprintf(out, "secret, key and kid: from %s\n", p.from)
+	}
 	if p.corrupt != "" {
 		fmt.Fprintf(out, "corrupted on purpose (--corrupt %s): the gateway should answer %d\n", p.corrupt, corruptions[p.corrupt])
 	}
 }
 
-// printResponse prints the status line, X-Kayle-Duplicate, Location and the
-// body (bounded), and reports whether the status was 2xx.
-func printResponse(out io.Writer, resp *http.Response) bool {
+// expected reports whether an answer's status is the one this delivery
+// must get: 2xx, or the refusal of its corruption.
+func (p *sendPlan) expected(status int) bool {
+	if p.corrupt != "" {
+		return status == corruptions[p.corrupt]
+	}
+	return status >= 200 && status <= 299
+}
+
+// printResponse prints the status line, X-Kayle-Duplicate, X-Kayle-Refused,
+// Location and the body (bounded), and returns the status.
+func printResponse(out io.Writer, resp *http.Response) int {
 	defer resp.Body.Close()
 	fmt.Fprintf(out, "%s %s\n", resp.Proto, resp.Status)
-	for _, name := range []string{kayle.HeaderDuplicate, "Location"} {
+	for _, name := range []string{kayle.HeaderDuplicate, kayle.HeaderRefused, "Location"} {
 		if v := resp.Header.Get(name); v != "" {
 			fmt.Fprintf(out, "%s: %s\n", name, v)
 		}
@@ -462,7 +520,7 @@ func printResponse(out io.Writer, resp *http.Response) bool {
 	if err != nil {
 		fmt.Fprintf(out, "(reading the response body: %v)\n", err)
 	}
-	return resp.StatusCode >= 200 && resp.StatusCode <= 299
+	return resp.StatusCode
 }
 
 // sendURL checks --url, or makes the default from KAYLE_LISTEN_PORT.
@@ -537,4 +595,37 @@ func orNone(s string) string {
 		return "(no type)"
 	}
 	return s
+}
+
+// sendMaterial is what a gateway's config gives send: the signing secret,
+// and the public half and kid of a configured private key.
+type sendMaterial struct {
+	where  string
+	secret []byte
+	pub    *rsa.PublicKey
+	kid    string
+}
+
+// configMaterial reads the first kayle_webhook handler of a config, its
+// secrets and keys loaded as Provision loads them, and takes its first
+// signing secret and first key.
+func configMaterial(configFile, adapter string) (*sendMaterial, error) {
+	lc, err := loadHandlers(configFile, adapter)
+	if err != nil {
+		return nil, err
+	}
+	c := lc.handlers[0]
+	repl := caddy.NewReplacer()
+	if err := c.handler.provisionSecrets(repl); err != nil {
+		return nil, fmt.Errorf("%s, %s: %v", configFile, c.where, err)
+	}
+	if err := c.handler.provisionKeys(repl); err != nil {
+		return nil, fmt.Errorf("%s, %s: %v", configFile, c.where, err)
+	}
+	key := c.handler.keys.Keys[0]
+	where := fmt.Sprintf("%s, the kayle_webhook handler at %s (signing secret #1, key %q)", configFile, c.where, key.KID)
+	if len(lc.handlers) > 1 {
+		where += fmt.Sprintf(", the first of %d", len(lc.handlers))
+	}
+	return &sendMaterial{where: where, secret: c.handler.secrets[0], pub: &key.Private.PublicKey, kid: key.KID}, nil
 }

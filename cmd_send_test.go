@@ -238,7 +238,7 @@ func TestSendCommandRunPrintsWithoutPayload(t *testing.T) {
 	g := newSendGateway(t, false)
 
 	var out bytes.Buffer
-	if err := runSend(context.Background(), sendOptions{URL: g.url}, &out); err != nil {
+	if err := runSend(context.Background(), sendOptions{URL: g.url}, cmdIO{out: &out, notes: io.Discard}); err != nil {
 		t.Fatalf("runSend: %v\n%s", err, out.String())
 	}
 	got := out.String()
@@ -255,7 +255,7 @@ func TestSendCommandRunPrintsWithoutPayload(t *testing.T) {
 	}
 
 	out.Reset()
-	if err := runSend(context.Background(), sendOptions{URL: g.url, PrintPayload: true}, &out); err != nil {
+	if err := runSend(context.Background(), sendOptions{URL: g.url, PrintPayload: true}, cmdIO{out: &out, notes: io.Discard}); err != nil {
 		t.Fatal(err)
 	}
 	if payload := g.lastForwarded(t).body; !strings.Contains(out.String(), string(payload)) {
@@ -315,9 +315,13 @@ func TestSendCommandCorruptIsRejected(t *testing.T) {
 			}
 			g := newSendGateway(t, true)
 			var out bytes.Buffer
-			err := runSend(context.Background(), sendOptions{URL: g.url, Corrupt: mode, Repeat: 2}, &out)
-			if err == nil || !strings.Contains(err.Error(), "2 of 2 responses were not 2xx") {
-				t.Errorf("runSend error = %v, want 2 non-2xx", err)
+			// refused as it must be: the command succeeds
+			err := runSend(context.Background(), sendOptions{URL: g.url, Corrupt: mode, Repeat: 2}, cmdIO{out: &out, notes: io.Discard})
+			if err != nil {
+				t.Errorf("runSend error = %v, want none: the gateway refused as expected", err)
+			}
+			if !strings.Contains(out.String(), kayle.HeaderRefused+": ") {
+				t.Errorf("output does not show the gateway's %s reason:\n%s", kayle.HeaderRefused, out.String())
 			}
 			statusLine := "HTTP/1.1 " + strconv.Itoa(want) + " " + http.StatusText(want)
 			if n := strings.Count(out.String(), statusLine); n != 2 {
@@ -409,7 +413,7 @@ func TestSendCommandRepeatIsOneEvent(t *testing.T) {
 	clearKayleEnv(t)
 	g := newSendGateway(t, true)
 	var out bytes.Buffer
-	if err := runSend(context.Background(), sendOptions{URL: g.url, Repeat: 3}, &out); err != nil {
+	if err := runSend(context.Background(), sendOptions{URL: g.url, Repeat: 3}, cmdIO{out: &out, notes: io.Discard}); err != nil {
 		t.Fatalf("runSend: %v\n%s", err, out.String())
 	}
 	if n := strings.Count(out.String(), kayle.HeaderDuplicate+": true"); n != 2 {
@@ -454,7 +458,7 @@ func TestSendCommandRepeatIsResigned(t *testing.T) {
 func TestSendCommandRepeatWithoutDedupe(t *testing.T) {
 	clearKayleEnv(t)
 	g := newSendGateway(t, false)
-	if err := runSend(context.Background(), sendOptions{URL: g.url, Repeat: 2}, io.Discard); err != nil {
+	if err := runSend(context.Background(), sendOptions{URL: g.url, Repeat: 2}, cmdIO{out: io.Discard, notes: io.Discard}); err != nil {
 		t.Fatal(err)
 	}
 	g.mu.Lock()
@@ -471,7 +475,7 @@ func TestSendCommandEventIDOverride(t *testing.T) {
 	// two separate runs encrypt anew: only the event id is shared
 	for i, wantDuplicate := range []bool{false, true} {
 		var out bytes.Buffer
-		if err := runSend(context.Background(), sendOptions{URL: g.url, EventID: id}, &out); err != nil {
+		if err := runSend(context.Background(), sendOptions{URL: g.url, EventID: id}, cmdIO{out: &out, notes: io.Discard}); err != nil {
 			t.Fatalf("run %d: %v", i+1, err)
 		}
 		if got := strings.Contains(out.String(), kayle.HeaderDuplicate+": true"); got != wantDuplicate {
@@ -746,9 +750,97 @@ func TestSendCommandConnectionError(t *testing.T) {
 	srv := httptest.NewServer(http.NotFoundHandler())
 	url := srv.URL
 	srv.Close() // nothing listens there now
-	err := runSend(context.Background(), sendOptions{URL: url}, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "is the gateway running?") {
-		t.Errorf("error %v", err)
+	err := runSend(context.Background(), sendOptions{URL: url}, cmdIO{out: io.Discard, notes: io.Discard})
+	if err == nil || !strings.Contains(err.Error(), "is the gateway listening at "+url) || strings.Contains(err.Error(), "Caddyfile.example") {
+		t.Errorf("with --url: error %v; want a hint naming that URL, not the demo", err)
+	}
+	// without --url, the default address is the demo's: the hint names it
+	t.Setenv("KAYLE_LISTEN_PORT", url[strings.LastIndexByte(url, ':')+1:])
+	err = runSend(context.Background(), sendOptions{}, cmdIO{out: io.Discard, notes: io.Discard})
+	if err == nil || !strings.Contains(err.Error(), "is the gateway running? go run ./cmd/caddy run --config Caddyfile.example") {
+		t.Errorf("without --url: error %v", err)
+	}
+}
+
+func TestSendCommandCorruptGotAnotherAnswer(t *testing.T) {
+	clearKayleEnv(t)
+	g := newSendGateway(t, true)
+	var out bytes.Buffer
+	// a sound body "corrupted" only by a kid: against a gateway holding no
+	// such key it is a 500, as expected; a signature corruption against a
+	// gateway that forwards anything would be a failure
+	err := runSend(context.Background(), sendOptions{URL: g.url, Corrupt: "kid"}, cmdIO{out: &out, notes: io.Discard})
+	if err != nil {
+		t.Fatalf("--corrupt kid: %v\n%s", err, out.String())
+	}
+	open := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
+	defer open.Close()
+	err = runSend(context.Background(), sendOptions{URL: open.URL, Corrupt: "signature"}, cmdIO{out: &out, notes: io.Discard})
+	if err == nil || !strings.Contains(err.Error(), "1 of 1 responses were not the 400 that --corrupt signature must get") {
+		t.Errorf("a forged delivery answered 200: error %v, want a failure naming the expected 400", err)
+	}
+}
+
+func TestSendCommandRefusalReasonShown(t *testing.T) {
+	clearKayleEnv(t)
+	g := newSendGateway(t, true)
+	var out bytes.Buffer
+	err := runSend(context.Background(), sendOptions{URL: g.url, Secret: "whsec_not-the-gateways-secret"}, cmdIO{out: &out, notes: io.Discard})
+	if err == nil {
+		t.Fatal("a wrong secret did not fail the command")
+	}
+	if !strings.Contains(out.String(), kayle.HeaderRefused+": signature_mismatch") {
+		t.Errorf("output does not say the signature did not match:\n%s", out.String())
+	}
+	if strings.Contains(out.String(), "not-the-gateways-secret") {
+		t.Errorf("output repeats the secret:\n%s", out.String())
+	}
+}
+
+func TestSendCommandConfigMaterial(t *testing.T) {
+	clearKayleEnv(t)
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "k7.pem")
+	if err := runKeygen(keygenOptions{Bits: 2048, KID: "k7", Out: dir}, cmdIO{out: io.Discard, notes: io.Discard}); err != nil {
+		t.Fatal(err)
+	}
+	secretFile := filepath.Join(dir, "secret.txt")
+	const secret = "whsec_config-material-secret-0123456789"
+	if err := os.WriteFile(secretFile, []byte(secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	config := filepath.Join(dir, "Caddyfile")
+	caddyfile := ":0 {\n\tkayle_webhook {\n\t\tsigning_secret {file." + secretFile + "}\n\t\tdecryption_key k7 " + keyFile + "\n\t\tdedupe off\n\t}\n\trespond 200\n}\n"
+	if err := os.WriteFile(config, []byte(caddyfile), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := mustPlan(t, sendOptions{Config: config, URL: "http://localhost:1/"})
+	if string(p.secret) != secret {
+		t.Errorf("secret from the config: %d bytes, want the configured %d", len(p.secret), len(secret))
+	}
+	if p.kid != "k7" {
+		t.Errorf("kid %q, want the configured k7", p.kid)
+	}
+	key, _, err := kayle.LoadPrivateKeyFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plaintext, kid, err := (func() ([]byte, string, error) {
+		var kr kayle.KeyRing
+		if err := kr.Add("k7", key); err != nil {
+			return nil, "", err
+		}
+		return kr.Decrypt(p.body)
+	})()
+	if err != nil || kid != "k7" || !bytes.Equal(plaintext, p.payload) {
+		t.Errorf("the body does not open with the configured key: kid %q, %v", kid, err)
+	}
+	// explicit flags still win
+	if p := mustPlan(t, sendOptions{Config: config, URL: "http://localhost:1/", KID: "other"}); p.kid != "other" {
+		t.Errorf("--kid other beside --config: kid %q", p.kid)
+	}
+	if _, err := newSendPlan(sendOptions{Config: filepath.Join(dir, "missing")}); err == nil {
+		t.Error("a missing --config was accepted")
 	}
 }
 
@@ -783,8 +875,17 @@ func TestKayleCommandRegistered(t *testing.T) {
 		t.Errorf("forwarded %d, want 2", forwarded)
 	}
 	root.SetArgs([]string{"send", "--url", g.url, "--corrupt", "signature"})
+	if err := root.Execute(); err != nil {
+		t.Errorf("a corruption refused as expected failed the command: %v", err)
+	}
+	// a fresh command: cobra keeps flag values from one Execute to the next
+	root = &cobra.Command{Use: kayle.Name + " " + kayle.Usage, Short: kayle.Short, Long: kayle.Long}
+	kayle.CobraFunc(root)
+	root.SetOut(io.Discard)
+	root.SetErr(io.Discard)
+	root.SetArgs([]string{"send", "--url", g.url, "--secret", "whsec_not-the-gateways-secret"})
 	if err := root.Execute(); err == nil {
-		t.Error("a rejected delivery did not fail the command")
+		t.Error("a genuine delivery the gateway refused did not fail the command")
 	}
 }
 

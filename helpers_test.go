@@ -16,6 +16,9 @@ package kaylewebhook
 // storage, which a bare caddy.Context does not have (ctx.Storage() panics).
 
 import (
+	// the tests load the file_system storage module by name, as a config would
+	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
+
 	"bytes"
 	"context"
 	"crypto/rand"

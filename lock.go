@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -322,26 +321,6 @@ func (l *heldLock) name() string {
 		return ""
 	}
 	return l.locks[len(l.locks)-1].name
-}
-
-// loadRecord reads the record at key; nil when there is none, or when it
-// cannot be parsed (forwarding again is safer than refusing the event).
-func (d *deduper) loadRecord(ctx context.Context, key string) (*record, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
-	defer cancel()
-	data, err := d.load(ctx, key)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var rec record
-	if err := json.Unmarshal(data, &rec); err != nil || (rec.DeliveredAt.IsZero() && rec.HeartbeatAt.IsZero()) {
-		d.logger.Warn("ignoring an unreadable dedupe record", zap.String("key", key))
-		return nil, nil
-	}
-	return &rec, nil
 }
 
 // writeLease records that this holder is alive now.

@@ -79,7 +79,7 @@ func registerMetrics(registry *prometheus.Registry, kids []string, secrets int) 
 	return nil
 }
 
-func countRequest(outcome string) { requestsTotal.WithLabelValues(outcome).Inc() }
+func countRequest(o outcome) { requestsTotal.WithLabelValues(string(o)).Inc() }
 
 func countRecordWriteFailure() { recordWriteFailuresTotal.Inc() }
 

@@ -10,7 +10,7 @@ import (
 )
 
 // buildCaddy builds ./cmd/caddy into dir, the pure-Go and the BoringCrypto
-// flavour, exactly as the README tells operators to.
+// flavour, exactly as docs/development.md tells operators to.
 func buildCaddy(dir string, boring bool) (string, error) {
 	out := filepath.Join(dir, "bin", "caddy")
 	env := os.Environ()

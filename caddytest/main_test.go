@@ -12,6 +12,9 @@
 package caddytest
 
 import (
+	// the plugin, registered with Caddy for the in-process configs
+	_ "github.com/caddy-kayle-webhook/caddy-kayle-webhook"
+
 	"bytes"
 	"crypto/rand"
 	"crypto/rsa"

@@ -4,7 +4,7 @@ import "strings"
 
 // Headers the backend receives. Only the gateway sets them: any incoming
 // X-Kayle-* header but X-Kayle-Delivery-Id is removed first, and so is any
-// incoming webhook-* header (the gateway's forward signature, forwardsig.go).
+// incoming webhook-* header (the gateway's forward signature, package standardwebhooks).
 const (
 	HeaderEventID            = "X-Kayle-Event-Id"
 	HeaderEventType          = "X-Kayle-Event-Type"
@@ -14,6 +14,13 @@ const (
 	HeaderSignatureTimestamp = "X-Kayle-Signature-Timestamp"
 	HeaderVerified           = "X-Kayle-Verified"
 	HeaderDuplicate          = "X-Kayle-Duplicate"
+	// HeaderIgnored marks the answer to a delivery whose type is not in the
+	// events allowlist: acknowledged so Kayle stops retrying, never forwarded.
+	HeaderIgnored = "X-Kayle-Ignored"
+	// HeaderRefused carries, on every refusal the gateway answers itself, one
+	// fixed word saying why (signature_mismatch, jwe_invalid, …): never a
+	// secret or a byte of the delivery.
+	HeaderRefused = "X-Kayle-Refused"
 	// HeaderEvent is Kayle's own unsigned type header; the gateway overwrites
 	// it with the decrypted type so a backend reading it is not misled.
 	HeaderEvent = "X-Kayle-Event"

@@ -59,9 +59,8 @@ type joseHeader struct {
 // headerCache keeps go-jose's verdict on the protected headers it accepted,
 // by their bytes. Kayle sends the same few headers (one per kid and enc)
 // with every delivery, and only signed deliveries are decrypted; it is
-// bounded all the same. go-jose's JSON parse of the header was most of the
-// gateway's own work per delivery, after RSA (profiled: 1.4 % of Caddy's
-// CPU at RSA-2048, and its largest allocation site).
+// bounded all the same. go-jose's JSON parse of the header is, after RSA,
+// the largest part of the gateway's own work per delivery (BENCHMARKS.md).
 type headerCache struct {
 	byBytes sync.Map // string(protected header part) -> joseHeader
 	size    atomic.Int32
@@ -97,7 +96,7 @@ func (kr *KeyRing) Add(kid string, key *rsa.PrivateKey) error {
 // header); the small parts are decoded here, and the ciphertext is decoded
 // once, into a buffer that AES-GCM then decrypts in place. (go-jose's own
 // Decrypt makes three copies of it: decoded, joined to the tag, and the
-// plaintext; for a face-image event those were most of the heap.)
+// plaintext.)
 func (kr *KeyRing) Decrypt(body []byte) (plaintext []byte, kid string, err error) {
 	parts, ok := compactParts(body)
 	if !ok {

@@ -25,9 +25,9 @@ const (
 )
 
 var (
-	errNoSignature      = errors.New("missing " + SignatureHeader + " header")
-	errSignatureFormat  = errors.New("malformed " + SignatureHeader + " header")
-	errSignatureInvalid = errors.New("no v1 signature matches a configured signing secret")
+	ErrNoSignature      = errors.New("missing " + SignatureHeader + " header")
+	ErrSignatureFormat  = errors.New("malformed " + SignatureHeader + " header")
+	ErrSignatureInvalid = errors.New("no v1 signature matches a configured signing secret")
 )
 
 // Signature is a parsed X-Kayle-Signature header.
@@ -45,21 +45,21 @@ type Signature struct {
 func ParseSignature(header string) (Signature, error) {
 	var sig Signature
 	if header == "" {
-		return sig, errNoSignature
+		return sig, ErrNoSignature
 	}
 	if len(header) > maxSignatureHeaderLen {
-		return sig, fmt.Errorf("%w: longer than %d bytes", errSignatureFormat, maxSignatureHeaderLen)
+		return sig, fmt.Errorf("%w: longer than %d bytes", ErrSignatureFormat, maxSignatureHeaderLen)
 	}
 	seenT := false
 	for field := range strings.SplitSeq(header, ",") {
 		name, value, ok := strings.Cut(strings.TrimSpace(field), "=")
 		if !ok {
-			return sig, fmt.Errorf("%w: field without '='", errSignatureFormat)
+			return sig, fmt.Errorf("%w: field without '='", ErrSignatureFormat)
 		}
 		switch name {
 		case "t":
 			if seenT {
-				return sig, fmt.Errorf("%w: more than one t", errSignatureFormat)
+				return sig, fmt.Errorf("%w: more than one t", ErrSignatureFormat)
 			}
 			seenT = true
 			unix, err := parseUnixSeconds(value)
@@ -69,23 +69,23 @@ func ParseSignature(header string) (Signature, error) {
 			sig.Timestamp, sig.Unix = value, unix
 		case "v1":
 			if len(sig.V1) == maxV1Signatures {
-				return sig, fmt.Errorf("%w: more than %d v1 values", errSignatureFormat, maxV1Signatures)
+				return sig, fmt.Errorf("%w: more than %d v1 values", ErrSignatureFormat, maxV1Signatures)
 			}
 			if len(value) != 2*sha256.Size {
-				return sig, fmt.Errorf("%w: v1 is not %d hex characters", errSignatureFormat, 2*sha256.Size)
+				return sig, fmt.Errorf("%w: v1 is not %d hex characters", ErrSignatureFormat, 2*sha256.Size)
 			}
 			mac, err := hex.DecodeString(value)
 			if err != nil {
-				return sig, fmt.Errorf("%w: v1 is not hex", errSignatureFormat)
+				return sig, fmt.Errorf("%w: v1 is not hex", ErrSignatureFormat)
 			}
 			sig.V1 = append(sig.V1, mac)
 		}
 	}
 	if !seenT {
-		return sig, fmt.Errorf("%w: no t", errSignatureFormat)
+		return sig, fmt.Errorf("%w: no t", ErrSignatureFormat)
 	}
 	if len(sig.V1) == 0 {
-		return sig, fmt.Errorf("%w: no v1", errSignatureFormat)
+		return sig, fmt.Errorf("%w: no v1", ErrSignatureFormat)
 	}
 	return sig, nil
 }
@@ -94,11 +94,11 @@ func ParseSignature(header string) (Signature, error) {
 // exponent. (Leading zeros pass; the MAC covers t exactly as sent.)
 func parseUnixSeconds(s string) (int64, error) {
 	if s == "" || len(s) > 12 {
-		return 0, fmt.Errorf("%w: t is not a Unix time in seconds", errSignatureFormat)
+		return 0, fmt.Errorf("%w: t is not a Unix time in seconds", ErrSignatureFormat)
 	}
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
-			return 0, fmt.Errorf("%w: t is not a Unix time in seconds", errSignatureFormat)
+			return 0, fmt.Errorf("%w: t is not a Unix time in seconds", ErrSignatureFormat)
 		}
 	}
 	return strconv.ParseInt(s, 10, 64)
@@ -164,13 +164,22 @@ func (sig Signature) Verify(body []byte, keys *MACKeys, now time.Time, tolerance
 		}
 	}
 	if position == 0 {
-		return 0, errSignatureInvalid
+		return 0, ErrSignatureInvalid
 	}
 	skew := now.Sub(time.Unix(sig.Unix, 0))
 	if skew > tolerance || skew < -tolerance {
-		return 0, fmt.Errorf("signature timestamp is %s away from now, outside the %s tolerance", skew.Round(time.Second), tolerance)
+		return 0, &ExpiredError{Skew: skew, Tolerance: tolerance}
 	}
 	return position, nil
+}
+
+// ExpiredError is a signature that matched but whose t is too far from now.
+type ExpiredError struct {
+	Skew, Tolerance time.Duration // Skew is now minus t
+}
+
+func (e *ExpiredError) Error() string {
+	return fmt.Sprintf("signature timestamp is %s away from now, outside the %s tolerance", e.Skew.Round(time.Second), e.Tolerance)
 }
 
 // SignatureMAC is HMAC-SHA256(secret, timestamp + "." + body).

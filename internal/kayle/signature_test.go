@@ -83,7 +83,7 @@ func TestVerifySignature(t *testing.T) {
 		if _, err := VerifySignature(old, testBody, [][]byte{testSecret, testOldSecret}, testNow, 5*time.Minute); err != nil {
 			t.Errorf("old secret refused while configured: %v", err)
 		}
-		if _, err := VerifySignature(old, testBody, secrets, testNow, 5*time.Minute); !errors.Is(err, errSignatureInvalid) {
+		if _, err := VerifySignature(old, testBody, secrets, testNow, 5*time.Minute); !errors.Is(err, ErrSignatureInvalid) {
 			t.Errorf("old secret accepted after rotation ended: %v", err)
 		}
 		// one forged v1 beside a valid one is fine: one match is enough
@@ -109,7 +109,7 @@ func TestVerifySignature(t *testing.T) {
 		"signature of other body": {SignatureHeaderValue(testSecret, testNow, []byte("other")), testBody},
 	}
 	for name, a := range attacks {
-		if _, err := VerifySignature(a.header, a.body, secrets, testNow, 5*time.Minute); !errors.Is(err, errSignatureInvalid) {
+		if _, err := VerifySignature(a.header, a.body, secrets, testNow, 5*time.Minute); !errors.Is(err, ErrSignatureInvalid) {
 			t.Errorf("%s: got %v, want errSignatureInvalid", name, err)
 		}
 	}
@@ -218,7 +218,7 @@ func TestVerifyConcurrentPooledMACs(t *testing.T) {
 					return
 				}
 				// the same MAC over a body one byte longer must fail
-				if _, err := sig.Verify(append(body, 'x'), keys, testNow, time.Minute); !errors.Is(err, errSignatureInvalid) {
+				if _, err := sig.Verify(append(body, 'x'), keys, testNow, time.Minute); !errors.Is(err, ErrSignatureInvalid) {
 					t.Errorf("a changed body verified: %v", err)
 					return
 				}

@@ -168,7 +168,7 @@ async function add(name, description, opts) {
 }
 
 const forward = { outcome: 'forward' };
-// the statuses the README's table of answers documents
+// the statuses docs/answers.md documents
 const reject = (status, why) => ({ outcome: 'reject', status, why });
 
 // genuine deliveries: every enc with each key

@@ -6,8 +6,52 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 )
+
+// TestReadBodyDoesNotTrustContentLength: a declared length preallocates
+// nothing large before the bytes arrive (an unauthenticated client could
+// otherwise pin max_body_size per connection by sending nothing).
+func TestReadBodyDoesNotTrustContentLength(t *testing.T) {
+	const declared = 4 << 20
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for range 20 {
+		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("tiny"))
+		r.ContentLength = declared
+		body, err := readBody(httptest.NewRecorder(), r, declared)
+		if err != nil || string(body) != "tiny" {
+			t.Fatalf("%q %v", body, err)
+		}
+	}
+	runtime.ReadMemStats(&after)
+	if allocated := after.TotalAlloc - before.TotalAlloc; allocated > declared {
+		t.Errorf("20 tiny bodies declaring 4 MiB allocated %d bytes", allocated)
+	}
+}
+
+// BenchmarkReadBody reads a delivery's body as net/http hands it over, with
+// its Content-Length: Kayle's ordinary size, a face-image event, and the
+// 1 MiB payload of the memory test.
+func BenchmarkReadBody(b *testing.B) {
+	for _, size := range []int{1000, 270_000, 1_400_000} {
+		sent := bytes.Repeat([]byte("k"), size)
+		b.Run(strconv.Itoa(size), func(b *testing.B) {
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				r := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(sent))
+				if _, err := readBody(httptest.NewRecorder(), r, defaultMaxBodySize); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
 
 // TestReadBodyEndsAtItsSize: whatever its size, a body declared with its
 // Content-Length is read whole into a buffer of that size (plus the byte
