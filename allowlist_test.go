@@ -81,3 +81,19 @@ func TestEventsAllowlistAfterVerification(t *testing.T) {
 		t.Errorf("forged delivery of an ignored type: %d", res.Status)
 	}
 }
+
+// The allowlist matches a type exactly: not by letter case, not by prefix.
+// A backend switching on the type must never receive one it did not list.
+func TestEventsAllowlistIsExact(t *testing.T) {
+	h := newTestHandler(t, func(h *Handler) { h.Events = []string{"verification.session.succeeded"} })
+	backend := &testBackend{}
+	for _, typ := range []string{"Verification.Session.Succeeded", "VERIFICATION.SESSION.SUCCEEDED", "verification.session", "verification.session.succeeded.v2"} {
+		res := serve(h, makeDelivery(t, typedPayload("evt_"+typ, typ), time.Now()), backend)
+		if res.Status != http.StatusOK || res.Rec.Header().Get(kayle.HeaderIgnored) != "true" {
+			t.Errorf("type %q: status %d, %s %q; want it ignored", typ, res.Status, kayle.HeaderIgnored, res.Rec.Header().Get(kayle.HeaderIgnored))
+		}
+	}
+	if backend.Calls() != 0 {
+		t.Errorf("%d near-matches forwarded, want none", backend.Calls())
+	}
+}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/go-jose/go-jose/v4"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -465,4 +466,69 @@ func FuzzHandler(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A signed delivery encrypted to a kid the gateway holds no key for is our
+// misconfiguration: 500 (Kayle retries), logged as an error naming the kid,
+// counted, and nothing forwarded or remembered.
+func TestUnknownKIDIs500AndLoud(t *testing.T) {
+	h := newTestHandler(t)
+	core, logs := observer.New(zapcore.InfoLevel)
+	h.setLogger(zap.New(core))
+	before := counterValue(t, requestsTotal.WithLabelValues("unknown_kid"))
+	body, err := kayle.EncryptDelivery(eventPayload("evt_unknown_kid"), demoPublicKey(t), "k2027", jose.A256GCM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := &testBackend{}
+	res := serve(h, deliveryRequest(body, kayle.SignatureHeaderValue([]byte(demoSecret(t)), time.Now(), body)), backend)
+	if res.Status != http.StatusInternalServerError || backend.Calls() != 0 {
+		t.Fatalf("status %d, %d forwards; want 500 and none", res.Status, backend.Calls())
+	}
+	if _, ok := errors.AsType[caddyhttp.HandlerError](res.Err); !ok {
+		t.Errorf("error %T, want a caddyhttp.HandlerError", res.Err)
+	}
+	entries := logs.FilterLevelExact(zapcore.ErrorLevel).FilterField(zap.String("kid", "k2027")).All()
+	if len(entries) != 1 {
+		t.Errorf("%d error lines naming kid k2027, want 1 (all: %v)", len(entries), logs.All())
+	}
+	if got := counterValue(t, requestsTotal.WithLabelValues("unknown_kid")) - before; got != 1 {
+		t.Errorf("unknown_kid counted %v times, want 1", got)
+	}
+	// the same event, once its key is there, is forwarded: nothing was remembered
+	again := serve(h, makeDelivery(t, eventPayload("evt_unknown_kid"), time.Now()), backend)
+	if again.Status != http.StatusOK || backend.Calls() != 1 {
+		t.Errorf("the event under a known kid: status %d, %d forwards; want 200 and 1", again.Status, backend.Calls())
+	}
+}
+
+// RSA-OAEP with SHA-1 (go-jose's RSA-OAEP) is outside Kayle's allowlist: a
+// signed delivery using it is refused with 422 before any key is tried,
+// even though the demo key would open it.
+func TestRSAOAEPWithSHA1IsRefused(t *testing.T) {
+	h := newTestHandler(t)
+	encrypter, err := jose.NewEncrypter(jose.A256GCM, jose.Recipient{Algorithm: jose.RSA_OAEP, Key: demoPublicKey(t), KeyID: demoKID}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj, err := encrypter.Encrypt(eventPayload("evt_oaep_sha1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	compact, err := obj.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := []byte(compact)
+	backend := &testBackend{}
+	res := serve(h, deliveryRequest(body, kayle.SignatureHeaderValue([]byte(demoSecret(t)), time.Now(), body)), backend)
+	if res.Status != http.StatusUnprocessableEntity || backend.Calls() != 0 {
+		t.Fatalf("RSA-OAEP (SHA-1): status %d, %d forwards; want 422 and none", res.Status, backend.Calls())
+	}
+	if !errors.Is(res.Err, kayle.ErrNotJWE) {
+		t.Errorf("error %v, want the algorithm refusal (ErrNotJWE)", res.Err)
+	}
+	if key, _ := res.Repl.Get("http.kayle.key_id"); key != nil {
+		t.Errorf("{http.kayle.key_id} = %v: the refused delivery was decrypted", key)
+	}
 }

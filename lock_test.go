@@ -576,3 +576,55 @@ func TestLockOneOfManyWaitersTakesOver(t *testing.T) {
 		t.Errorf("%d copies forwarded, backend called %d times; want 1 and 1", forwarded, backend.Calls())
 	}
 }
+
+// The production timing never takes over a holder that is alive: a copy
+// behind a holder that forwards for several seconds (heartbeating as in
+// production) waits, then answers duplicate. Every other lock test runs on
+// fastLockTiming, so this one guards the constants themselves.
+func TestProductionLockTimingWaitsOutALiveHolder(t *testing.T) {
+	t.Parallel()
+	st := newMemStorage()
+	here, logs := newLockTestDeduper(st)
+	here.timing = defaultLockTiming
+	there, _ := newLockTestDeduper(st)
+	there.timing = defaultLockTiming
+	const id = "evt_live_production_holder"
+	hash, key, lockName := there.eventKeys(id)
+	held, _, err := there.acquire(context.Background(), lockName, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.lease.EventSHA256 = hash
+	held.heartbeat(there.timing.firstBeat)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		time.Sleep(2*leaseBeatEvery - leaseFirstBeat) // past two heartbeats
+		held.settle()
+		there.remember(context.Background(), held, id, http.StatusOK)
+		held.release()
+	}()
+	backend := &testBackend{}
+	res := deliverEvent(here, id, backend)
+	<-done
+	if backend.Calls() != 0 || takeovers(logs) != 0 {
+		t.Fatalf("a live holder was taken over: %d forwards, %d takeovers", backend.Calls(), takeovers(logs))
+	}
+	assertDuplicate(t, res, id)
+}
+
+// The production constants keep a live holder's lease fresh with margin: a
+// holder renews several times within the silence that counts as death, and
+// a waiter looks often enough to see it, and waits long enough to outwait it.
+func TestProductionLockTimingHasMargin(t *testing.T) {
+	d := defaultLockTiming
+	if d.firstBeat >= d.beatEvery || 3*d.beatEvery > d.staleAfter {
+		t.Errorf("first beat %s, every %s, stale after %s: a holder must renew at least three times before it counts as silent", d.firstBeat, d.beatEvery, d.staleAfter)
+	}
+	if 2*d.pollEvery > d.beatEvery {
+		t.Errorf("poll every %s, beat every %s: a waiter would miss heartbeats", d.pollEvery, d.beatEvery)
+	}
+	if d.waitLimit < 2*d.staleAfter {
+		t.Errorf("wait limit %s, stale after %s: a copy must be able to outwait a dead holder", d.waitLimit, d.staleAfter)
+	}
+}
