@@ -326,14 +326,7 @@ func deliverEvent(d *deduper, eventID string, next caddyhttp.Handler) served {
 	r, repl := prepareTestRequest(r, rec)
 	repl.Set("http.kayle.duplicate", false) // as rewriteRequest does
 	err := deliverThrough(d, rec, r, next, eventID)
-	res := served{Rec: rec, Err: err, Repl: repl, Status: rec.Code}
-	if err != nil {
-		res.Status = http.StatusInternalServerError
-		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
-			res.Status = he.StatusCode
-		}
-	}
-	return res
+	return servedFrom(rec, err, repl)
 }
 
 // assertDuplicate checks the answer to an event already delivered.

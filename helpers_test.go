@@ -166,6 +166,12 @@ func serve(h caddyhttp.MiddlewareHandler, r *http.Request, next caddyhttp.Handle
 	rec := httptest.NewRecorder()
 	r, repl := prepareTestRequest(r, rec)
 	err := h.ServeHTTP(rec, r, next)
+	return servedFrom(rec, err, repl)
+}
+
+// servedFrom is what the client got: the recorded answer, or the status of
+// the error Caddy would answer.
+func servedFrom(rec *httptest.ResponseRecorder, err error, repl *caddy.Replacer) served {
 	res := served{Rec: rec, Err: err, Repl: repl, Status: rec.Code}
 	if err != nil {
 		res.Status = http.StatusInternalServerError
