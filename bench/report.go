@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -93,6 +94,9 @@ func median(xs []float64) float64 {
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
+
+// handWrittenMarker starts the part of BENCHMARKS.md that write keeps.
+const handWrittenMarker = "<!-- Below: written by hand, kept by go run ./bench. -->"
 
 // write renders BENCHMARKS.md and returns how many targets were missed.
 func (r *report) write(file string) (int, error) {
@@ -189,6 +193,14 @@ func (r *report) write(file string) (int, error) {
 		fmt.Fprintf(&b, " Wave %d: peak %s, VmRSS after %s, Go heap %s.", i+1, mib(r.rss.hwm[i]), mib(r.rss.rss[i]), mib(r.rss.live[i]))
 	}
 	fmt.Fprintf(&b, " 2 s later: Go heap %s.\n", mib(r.rss.settled))
+	// the hand-written sections below the marker (go test -bench figures,
+	// the profiles behind the code) are kept
+	if old, err := os.ReadFile(file); err == nil {
+		if i := bytes.Index(old, []byte(handWrittenMarker)); i >= 0 {
+			b.WriteString("\n")
+			b.Write(old[i:])
+		}
+	}
 	if err := os.WriteFile(file, []byte(b.String()), 0o644); err != nil {
 		return 0, err
 	}
