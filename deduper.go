@@ -1,6 +1,7 @@
 package kaylewebhook
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path"
@@ -42,9 +43,12 @@ type deduper struct {
 
 	// identity names the records this deduper keeps (storage and prefix),
 	// and generation orders the dedupers of one identity (see successor).
-	identity   string
-	generation uint64
-	retired    atomic.Bool // the handler was cleaned up (a reload, a stop)
+	identity string
+	// storageConfig is the JSON of the handler's own storage, nil for the
+	// global storage: part of the identity.
+	storageConfig json.RawMessage
+	generation    uint64
+	retired       atomic.Bool // the handler was cleaned up (a reload, a stop)
 }
 
 func newDeduper(storage certmagic.Storage, prefix string, window time.Duration, logger *zap.Logger, now func() time.Time) *deduper {

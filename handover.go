@@ -2,6 +2,7 @@ package kaylewebhook
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -15,8 +16,8 @@ import (
 // module such as Redis's closes its client, and the old forward's record
 // write would fail, so Kayle's next retry would be forwarded again. So a
 // deduper whose storage call fails looks for its successor, the deduper of
-// a newer config that keeps the same records (same storage module type,
-// same prefix), and makes the call through it instead.
+// a newer config that keeps the same records (same storage, same prefix:
+// storageIdentity), and makes the call through it instead.
 var liveDedupers = struct {
 	sync.Mutex
 	generations uint64
@@ -24,12 +25,18 @@ var liveDedupers = struct {
 }{byIdentity: make(map[string][]*deduper)}
 
 // storageIdentity names a storage's records without its connections:
-// file_system by its folder, any other module by its type.
-func storageIdentity(storage certmagic.Storage, prefix string) string {
+// file_system by its folder; a storage the handler configures by its type
+// and its JSON config (two Redis servers are two identities); the global
+// storage by its type.
+func storageIdentity(storage certmagic.Storage, config json.RawMessage, prefix string) string {
 	if fs, ok := storage.(*certmagic.FileStorage); ok {
 		return "file_system " + fs.Path + " " + prefix
 	}
-	return fmt.Sprintf("%T %s", storage, prefix)
+	if config == nil {
+		return fmt.Sprintf("%T global %s", storage, prefix)
+	}
+	// hashed: the config may hold a password
+	return fmt.Sprintf("%T %s %s", storage, hashHex(string(config))[:32], prefix)
 }
 
 // register makes d a successor for the older dedupers of its records.
@@ -38,7 +45,7 @@ func (d *deduper) register() {
 	defer liveDedupers.Unlock()
 	liveDedupers.generations++
 	d.generation = liveDedupers.generations
-	d.identity = storageIdentity(d.storage, d.prefix)
+	d.identity = storageIdentity(d.storage, d.storageConfig, d.prefix)
 	liveDedupers.byIdentity[d.identity] = append(liveDedupers.byIdentity[d.identity], d)
 }
 

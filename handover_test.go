@@ -2,6 +2,7 @@ package kaylewebhook
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"sync/atomic"
@@ -92,5 +93,32 @@ func TestNoSuccessorWithoutANewerConfig(t *testing.T) {
 	}
 	if err := a.store(context.Background(), "k", []byte("v")); !errors.Is(err, errClientClosed) {
 		t.Errorf("store on a closed storage = %v, want its error", err)
+	}
+}
+
+// Two handlers on two servers of one storage module (two Redis addresses)
+// keep different records: a failure on one is never retried through the
+// other, while the same config provisioned again (a reload) is a successor.
+func TestNoSuccessorOnAnotherServerOfTheSameModule(t *testing.T) {
+	st := newMemStorage()
+	newOn := func(config string) *deduper {
+		d, _ := newLockTestDeduper(st)
+		d.storage = &closableStorage{memStorage: st}
+		d.storageConfig = json.RawMessage(config)
+		d.register()
+		t.Cleanup(d.retire)
+		return d
+	}
+	a := newOn(`{"module":"redis","address":"redis-a:6379"}`)
+	newOn(`{"module":"redis","address":"redis-b:6379"}`)
+	if a.successor() != nil {
+		t.Fatal("a deduper on another server of the same module was taken for a successor")
+	}
+	reloaded := newOn(`{"module":"redis","address":"redis-a:6379"}`)
+	if a.successor() != reloaded {
+		t.Error("the same storage config provisioned again is not the successor")
+	}
+	if storageIdentity(a.storage, a.storageConfig, a.prefix) == storageIdentity(a.storage, nil, a.prefix) {
+		t.Error("a handler's own storage and the global storage of the same type share an identity")
 	}
 }

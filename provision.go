@@ -181,9 +181,10 @@ func (h *Handler) provisionDedupe(ctx caddy.Context) error {
 		storage = ctx.Storage()
 	}
 	d := newDeduper(storage, prefix, window, h.logger, h.now)
-	if err := probeExclusion(storage, storageIdentity(storage, prefix), h.logger); err != nil {
+	if err := probeExclusion(storage, storageIdentity(storage, storageRaw, prefix), h.logger); err != nil {
 		return fmt.Errorf("dedupe storage %s: %w; use a storage whose lock excludes (see the storage table in docs/clusters.md), or set dedupe off", storageName(storageRaw, storage), err)
 	}
+	d.storageConfig = storageRaw
 	d.register()
 	h.dedupe = d
 	h.dedupe.startSweeper(ctx)
