@@ -29,6 +29,17 @@ func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return res
 	}
 	stage := &forwardStage{next: next, h: h, eventID: res.event.ID, body: plaintext}
+	defer func() {
+		// reverse_proxy panics (http.ErrAbortHandler) when the response
+		// body breaks after the status went out: answer never sees that
+		// forward, so it is counted here
+		if p := recover(); p != nil {
+			if stage.started {
+				countRequest(outcomeForwarded)
+			}
+			panic(p)
+		}
+	}()
 	if h.dedupe == nil {
 		res.outcome = outcomeForwarded
 		_, res.err = forward(caddyhttp.NewResponseRecorder(w, nil, nil), r, stage)

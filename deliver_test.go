@@ -184,6 +184,12 @@ func TestDedupeRemembersA2xxThatWentOut(t *testing.T) {
 			backend := &testBackend{Respond: func(call int, w http.ResponseWriter, r *http.Request) error {
 				return c.respond(w)
 			}}
+			forwarded := counterValue(t, requestsTotal.WithLabelValues("forwarded"))
+			defer func() {
+				if got := counterValue(t, requestsTotal.WithLabelValues("forwarded")) - forwarded; got != 1 {
+					t.Errorf("requests_total{outcome=forwarded} grew by %v, want 1", got)
+				}
+			}()
 			func() {
 				defer func() {
 					if p := recover(); p != nil && p != http.ErrAbortHandler {

@@ -45,13 +45,14 @@ func forwardStatus(recorded int, err error) int {
 // forwardStage stands between the handler and the rest of the route for one
 // delivery: it signs the forward at the moment it leaves (a copy that waited
 // for another copy's lock must not carry an old webhook-timestamp), times
-// it. Used by one request, never concurrently.
+// it, and notes that it started. Used by one request, never concurrently.
 type forwardStage struct {
 	next    caddyhttp.Handler
 	h       *Handler
 	eventID string
 	body    []byte
 
+	started bool
 	elapsed time.Duration
 }
 
@@ -59,6 +60,7 @@ func (f *forwardStage) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 	if len(f.h.forwardKeys) > 0 {
 		standardwebhooks.Sign(r.Header, f.h.forwardKeys, f.eventID, f.h.now(), f.body)
 	}
+	f.started = true
 	start := time.Now()
 	defer func() { // also when next panics (reverse_proxy's ErrAbortHandler)
 		f.elapsed = time.Since(start)
