@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
 	"github.com/caddyserver/caddy/v2"
@@ -43,7 +44,7 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, res result) err
 		// A flood of forged requests must not become a flood of log lines
 		// (see setLogger).
 		if entry := h.rejectLogger.Check(zapcore.WarnLevel, "rejected delivery"); entry != nil {
-			entry.Write(zap.Int("status", res.status), zap.String("reason", string(res.outcome[len("rejected_"):])),
+			entry.Write(zap.Int("status", res.status), zap.String("reason", strings.TrimPrefix(string(res.outcome), "rejected_")),
 				zap.String("delivery_id", res.deliveryID), zap.Error(res.err))
 		}
 		// built here rather than by caddyhttp.Error, whose stack walk and

@@ -301,10 +301,11 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		if conf, err = configMaterial(o.Config, o.Adapter); err != nil {
 			return nil, err
 		}
-		p.from = conf.where
 	}
+	var fromConfig []string
 	if conf != nil && o.Secret == "" && o.SecretFile == "" {
 		p.secret = conf.secret
+		fromConfig = append(fromConfig, "secret")
 	} else if p.secret, err = loadSecret(o); err != nil {
 		return nil, err
 	}
@@ -316,6 +317,10 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 	var jwkKID, keyFile string
 	if conf != nil && o.KeyFile == "" {
 		pub, jwkKID = conf.pub, conf.kid
+		fromConfig = append(fromConfig, "key")
+		if !o.OmitKID && o.KID == "" {
+			fromConfig = append(fromConfig, "kid")
+		}
 	} else {
 		var demo bool
 		keyFile, demo = defaultPath(o.KeyFile, "KAYLE_KEY_FILE", sendDefaultKeyFile)
@@ -336,10 +341,17 @@ func newSendPlan(o sendOptions) (*sendPlan, error) {
 		p.kid = sendDefaultKID
 	default:
 		// a guessed kid would only get a 500 from the gateway
-		return nil, fmt.Errorf("%s holds no kid and is not the demo key: pass --kid <the key_id it is registered under at Kayle> (or --kid \"\" to send none; the gateway then tries every key), or --config <the gateway's config>", keyFile)
+		hint := ", or --config <the gateway's config>"
+		if conf != nil {
+			hint = "" // --key replaced the config's key, and its kid with it
+		}
+		return nil, fmt.Errorf("%s holds no kid and is not the demo key: pass --kid <the key_id it is registered under at Kayle> (or --kid \"\" to send none; the gateway then tries every key)%s", keyFile, hint)
 	}
 	if p.corrupt == "kid" {
 		p.kid = unknownKID
+	}
+	if len(fromConfig) > 0 {
+		p.from = strings.Join(fromConfig, ", ") + ": from " + conf.where
 	}
 
 	if p.corrupt == "body" {
@@ -485,7 +497,7 @@ func (p *sendPlan) describe(out io.Writer) {
 	}
 	fmt.Fprintf(out, "%s event %s: %d-byte payload, %s\n", orNone(p.eventType), eventID, len(p.payload), body)
 	if p.from != "" {
-		fmt.Fprintf(out, "secret, key and kid: from %s\n", p.from)
+		fmt.Fprintln(out, p.from)
 	}
 	if p.corrupt != "" {
 		fmt.Fprintf(out, "corrupted on purpose (--corrupt %s): the gateway should answer %d\n", p.corrupt, corruptions[p.corrupt])

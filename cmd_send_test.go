@@ -821,6 +821,9 @@ func TestSendCommandConfigMaterial(t *testing.T) {
 	if p.kid != "k7" {
 		t.Errorf("kid %q, want the configured k7", p.kid)
 	}
+	if !strings.HasPrefix(p.from, "secret, key, kid: from "+config) {
+		t.Errorf("the plan says %q of where its material came from", p.from)
+	}
 	key, _, err := kayle.LoadPrivateKeyFile(keyFile)
 	if err != nil {
 		t.Fatal(err)
@@ -836,8 +839,11 @@ func TestSendCommandConfigMaterial(t *testing.T) {
 		t.Errorf("the body does not open with the configured key: kid %q, %v", kid, err)
 	}
 	// explicit flags still win
-	if p := mustPlan(t, sendOptions{Config: config, URL: "http://localhost:1/", KID: "other"}); p.kid != "other" {
-		t.Errorf("--kid other beside --config: kid %q", p.kid)
+	if p := mustPlan(t, sendOptions{Config: config, URL: "http://localhost:1/", KID: "other"}); p.kid != "other" || !strings.HasPrefix(p.from, "secret, key: from ") {
+		t.Errorf("--kid other beside --config: kid %q, %q", p.kid, p.from)
+	}
+	if p := mustPlan(t, sendOptions{Config: config, URL: "http://localhost:1/", Secret: "whsec_given_on_the_command_line", KeyFile: demoKeyFile}); p.from != "" {
+		t.Errorf("--secret and --key beside --config: the plan still says %q", p.from)
 	}
 	if _, err := newSendPlan(sendOptions{Config: filepath.Join(dir, "missing")}); err == nil {
 		t.Error("a missing --config was accepted")

@@ -29,24 +29,25 @@ func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return res
 	}
 	stage := &forwardStage{next: next, h: h, eventID: res.event.ID, body: plaintext}
+	returned := false
 	defer func() {
-		// reverse_proxy panics (http.ErrAbortHandler) when the response
-		// body breaks after the status went out: answer never sees that
-		// forward, so it is counted here
-		if p := recover(); p != nil {
-			if stage.started {
-				countRequest(outcomeForwarded)
-			}
-			panic(p)
+		// next panicked: reverse_proxy does (http.ErrAbortHandler) when the
+		// response body breaks after the status went out. answer never sees
+		// that forward, so it is counted and logged here.
+		if !returned && stage.started {
+			countRequest(outcomeForwarded)
+			setLogFields(r, zap.String("kayle_outcome", string(outcomeForwarded)))
 		}
 	}()
 	if h.dedupe == nil {
 		res.outcome = outcomeForwarded
 		_, res.err = forward(caddyhttp.NewResponseRecorder(w, nil, nil), r, stage)
+		returned = true
 		return res
 	}
 	start := time.Now()
 	res.outcome, res.err = h.dedupe.deliverOnce(w, r, stage, res.event.ID)
+	returned = true
 	observeDuration(phaseDedupeStorage, time.Since(start)-stage.elapsed)
 	switch res.outcome {
 	case outcomeLockBusy, outcomeStorageUnavailable:
