@@ -17,6 +17,27 @@ type result struct {
 	latencies          []time.Duration
 }
 
+// count records one answer: a latency only for the wanted ones.
+func (r *result) count(status int, err error, wantStatus func(int) bool, took time.Duration) {
+	switch {
+	case err != nil:
+		r.errors++
+	case wantStatus(status):
+		r.ok++
+		r.latencies = append(r.latencies, took)
+	default:
+		r.non2xx++
+	}
+}
+
+// add merges a worker's counts into r.
+func (r *result) add(w result) {
+	r.ok += w.ok
+	r.non2xx += w.non2xx
+	r.errors += w.errors
+	r.latencies = append(r.latencies, w.latencies...)
+}
+
 func (r result) rate() float64 {
 	if r.elapsed <= 0 {
 		return 0
@@ -94,21 +115,10 @@ func closedLoop(url string, ds []delivery, warm, conc int, maxDur time.Duration,
 				}
 				t0 := time.Now()
 				status, err := post(client, url, ds[i])
-				switch {
-				case err != nil:
-					local.errors++
-				case wantStatus(status):
-					local.ok++
-					local.latencies = append(local.latencies, time.Since(t0))
-				default:
-					local.non2xx++
-				}
+				local.count(status, err, wantStatus, time.Since(t0))
 			}
 			mu.Lock()
-			res.ok += local.ok
-			res.non2xx += local.non2xx
-			res.errors += local.errors
-			res.latencies = append(res.latencies, local.latencies...)
+			res.add(local)
 			mu.Unlock()
 		})
 	}
@@ -209,21 +219,10 @@ func flood(url string, d delivery, conc, maxN int, maxDur time.Duration, stop <-
 			for sent.Add(1) <= int64(maxN) && time.Now().Before(deadline) && !stopped() {
 				t0 := time.Now()
 				status, err := post(client, url, d)
-				switch {
-				case err != nil:
-					local.errors++
-				case wantStatus(status):
-					local.ok++
-					local.latencies = append(local.latencies, time.Since(t0))
-				default:
-					local.non2xx++
-				}
+				local.count(status, err, wantStatus, time.Since(t0))
 			}
 			mu.Lock()
-			res.ok += local.ok
-			res.non2xx += local.non2xx
-			res.errors += local.errors
-			res.latencies = append(res.latencies, local.latencies...)
+			res.add(local)
 			mu.Unlock()
 		})
 	}

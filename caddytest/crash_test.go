@@ -80,10 +80,10 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	if took := time.Since(firstDone); took > 4*time.Second {
 		t.Logf("B took E's lock %s after A's forward ended: the refresher in A may have stopped already", took)
 	}
-	if err := b.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+	if err := b.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	<-b.exited
+	<-b.Exited
 	killed := time.Now()
 
 	// Kayle's retries at A, every 5 s (its schedule is 5 s, then minutes:
@@ -108,7 +108,7 @@ func TestKilledInstanceDoesNotStrandTheEvent(t *testing.T) {
 	}
 	t.Logf("E reached the backend again %s after B was killed; Kayle's retries at A got %v",
 		(<-takenOver).Sub(killed).Round(100*time.Millisecond), statuses)
-	if !strings.Contains(a.out.String(), "taking over an event") {
+	if !strings.Contains(a.Out.String(), "taking over an event") {
 		t.Error("A did not log the takeover of B's event")
 	}
 

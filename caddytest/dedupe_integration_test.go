@@ -53,7 +53,7 @@ func TestDedupeAcrossRetriesAndRestart(t *testing.T) {
 	h.load(config)
 
 	ev := newEvent(t, nil)
-	first := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, time.Now().Add(-2*time.Minute), ev.typ)
+	first := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.Secret, time.Now().Add(-2*time.Minute), ev.typ)
 	h.expectForwarded(first)
 	h.expectDuplicate(deliver(t, gw.url(), ev), ev.id)
 	if n := be.count(ev.id); n != 1 {

@@ -26,7 +26,7 @@ func TestGenuineDeliveryReachesBackendAsPlaintext(t *testing.T) {
 
 	ev := newEvent(t, nil)
 	signedAt := time.Now()
-	req := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, signedAt, ev.typ)
+	req := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.Secret, signedAt, ev.typ)
 	deliveryID := req.Header.Get(kayle.HeaderDeliveryID)
 	// forged by whoever sits between Kayle and the gateway: not signed
 	spoofed := map[string]string{
@@ -129,7 +129,7 @@ func TestForgedAndStaleDeliveriesAreRefused(t *testing.T) {
 		}},
 		{"body changed after signing", func() *http.Request {
 			body := encrypt(t, ev.payload)
-			req := deliveryRequest(t, gw.url(), body, demo.secret, now, ev.typ)
+			req := deliveryRequest(t, gw.url(), body, demo.Secret, now, ev.typ)
 			// change the first character of the ciphertext (the fourth part)
 			tampered := bytes.Clone(body)
 			i := bytes.LastIndexByte(tampered[:bytes.LastIndexByte(tampered, '.')], '.') + 1
@@ -145,16 +145,16 @@ func TestForgedAndStaleDeliveriesAreRefused(t *testing.T) {
 			return deliveryRequest(t, gw.url(), encrypt(t, ev.payload), nil, now, ev.typ)
 		}},
 		{"signature over another body", func() *http.Request {
-			req := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, now, ev.typ)
+			req := deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.Secret, now, ev.typ)
 			other := encrypt(t, ev.payload)
-			req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(demo.secret, now, other))
+			req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(demo.Secret, now, other))
 			return req
 		}},
 		{"genuine but signed 10 minutes ago", func() *http.Request {
-			return deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, now.Add(-10*time.Minute), ev.typ)
+			return deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.Secret, now.Add(-10*time.Minute), ev.typ)
 		}},
 		{"genuine but signed 10 minutes ahead", func() *http.Request {
-			return deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.secret, now.Add(10*time.Minute), ev.typ)
+			return deliveryRequest(t, gw.url(), encrypt(t, ev.payload), demo.Secret, now.Add(10*time.Minute), ev.typ)
 		}},
 	}
 	for _, tc := range cases {
@@ -191,11 +191,11 @@ func TestBodyLimitAndMethod(t *testing.T) {
 	}
 
 	t.Run("5 MiB with Content-Length", func(t *testing.T) {
-		req := deliveryRequest(t, gw.url(), bigBody, demo.secret, time.Now(), big.typ)
+		req := deliveryRequest(t, gw.url(), bigBody, demo.Secret, time.Now(), big.typ)
 		h.sub(t).expect(req, http.StatusRequestEntityTooLarge)
 	})
 	t.Run("5 MiB chunked", func(t *testing.T) {
-		req := deliveryRequest(t, gw.url(), bigBody, demo.secret, time.Now(), big.typ)
+		req := deliveryRequest(t, gw.url(), bigBody, demo.Secret, time.Now(), big.typ)
 		req.ContentLength = -1 // unknown length: sent chunked
 		req.Body = io.NopCloser(bytes.NewReader(bigBody))
 		// not reused afterwards: what becomes of the connection is
@@ -227,7 +227,7 @@ func TestBodyLimitAndMethod(t *testing.T) {
 		if len(body) >= limit || len(body) < limit-64<<10 {
 			t.Fatalf("test body is %d bytes, want just under %d", len(body), limit)
 		}
-		h.sub(t).expect(deliveryRequest(t, gw.url(), body, demo.secret, time.Now(), ev.typ), http.StatusOK)
+		h.sub(t).expect(deliveryRequest(t, gw.url(), body, demo.Secret, time.Now(), ev.typ), http.StatusOK)
 		reqs := be.requests()
 		if len(reqs) != 1 || !bytes.Equal(reqs[0].Body, ev.payload) {
 			t.Fatalf("backend got %d requests; want one with the %d-byte plaintext", len(reqs), len(ev.payload))

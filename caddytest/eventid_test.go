@@ -33,7 +33,7 @@ func TestBackendSeesTheDedupeKeyByteForByte(t *testing.T) {
 		return p
 	}
 	send := func(id string) *http.Request {
-		return deliveryRequest(t, gw.url(), encrypt(t, payload(id)), demo.secret, time.Now(), "verification.session.succeeded")
+		return deliveryRequest(t, gw.url(), encrypt(t, payload(id)), demo.Secret, time.Now(), "verification.session.succeeded")
 	}
 
 	suffix := randomHex(t, 6)

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
@@ -118,7 +119,7 @@ func startExample(t *testing.T, ex exampleBackend, secret string) *exampleProces
 		"KAYLE_PROCESSED_LOG="+p.processed,
 		"KAYLE_STATE_DIR="+filepath.Join(dir, "state"),
 	)
-	out := new(syncBuffer)
+	out := new(kayletest.SyncBuffer)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting the %s example: %v", ex.name, err)

@@ -39,7 +39,7 @@ func TestSlowBodyIsCutAtTheReadTimeout(t *testing.T) {
 	}
 	fmt.Fprintf(conn, "POST /kayle/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/jose\r\n"+
 		"Content-Length: %d\r\n%s: %s\r\n\r\n", len(body), kayle.SignatureHeader,
-		kayle.SignatureHeaderValue(demo.secret, time.Now(), body))
+		kayle.SignatureHeaderValue(demo.Secret, time.Now(), body))
 
 	// five bytes a second: the body would take minutes
 	stop := make(chan struct{})

@@ -64,7 +64,7 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 		[]byte(`{"metadata":{"event_id":"evt_trailing"}} {"given_names":"` + secrets[1] + `"}`),
 	}
 	for _, payload := range refused {
-		req := deliveryRequest(t, gw.url(), encrypt(t, payload), demo.secret, time.Now(), "verification.session.succeeded")
+		req := deliveryRequest(t, gw.url(), encrypt(t, payload), demo.Secret, time.Now(), "verification.session.succeeded")
 		h.expect(req, http.StatusUnprocessableEntity)
 	}
 	if n := be.total(); n != 1 {
@@ -95,7 +95,7 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 			t.Errorf("a log contains the plaintext value %q", s)
 		}
 	}
-	if strings.Contains(all, string(demo.secret)) {
+	if strings.Contains(all, string(demo.Secret)) {
 		t.Error("a log contains the signing secret")
 	}
 	// one access-log line per delivery tells what became of it
@@ -131,7 +131,7 @@ func TestNoPlaintextInLogsOrStorage(t *testing.T) {
 	}
 
 	// the dedupe records
-	forbidden := append(slices.Clone(secrets), string(demo.secret))
+	forbidden := append(slices.Clone(secrets), string(demo.Secret))
 	var files int
 	err := filepath.WalkDir(gw.storage, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {

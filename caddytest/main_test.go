@@ -17,7 +17,6 @@ import (
 
 	"bytes"
 	"crypto/rand"
-	"crypto/rsa"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -34,6 +33,7 @@ import (
 	"time"
 
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	ctest "github.com/caddyserver/caddy/v2/caddytest"
@@ -43,21 +43,14 @@ import (
 
 // The demo material, published with the source (testdata/demo/README.md).
 const (
-	demoKeyRel    = "../testdata/demo/demo-key.pem"
-	demoSecretRel = "../testdata/demo/demo-secret.txt"
-	demoKID       = "demo"
+	demoKID = kayletest.DemoKID
 )
 
 var (
 	// adminPort is the in-process Caddy's admin port, picked at start-up.
 	adminPort int
 	// demo holds what a test needs to act as Kayle.
-	demo struct {
-		keyPath    string // absolute
-		secretPath string // absolute
-		secret     []byte // as Caddy's {file.…} reads it: one trailing newline dropped
-		pub        *rsa.PublicKey
-	}
+	demo kayletest.Demo
 	// scratch is removed when the test binary ends (the caddy binary lives there).
 	scratch string
 )
@@ -84,7 +77,7 @@ func runMain(m *testing.M) int {
 		}
 		os.Setenv(name, dir)
 	}
-	if err := loadDemo(); err != nil {
+	if demo, err = kayletest.LoadDemo(); err != nil {
 		fmt.Fprintln(os.Stderr, "loading the demo material:", err)
 		return 1
 	}
@@ -102,27 +95,6 @@ func runMain(m *testing.M) int {
 	}
 	defer func() { _ = caddy.Stop() }()
 	return m.Run()
-}
-
-func loadDemo() error {
-	var err error
-	if demo.keyPath, err = filepath.Abs(demoKeyRel); err != nil {
-		return err
-	}
-	if demo.secretPath, err = filepath.Abs(demoSecretRel); err != nil {
-		return err
-	}
-	raw, err := os.ReadFile(demo.secretPath)
-	if err != nil {
-		return err
-	}
-	demo.secret = bytes.TrimSuffix(bytes.TrimSuffix(raw, []byte("\n")), []byte("\r"))
-	pub, _, err := kayle.LoadPublicKeyFile(demo.keyPath)
-	if err != nil {
-		return err
-	}
-	demo.pub = pub
-	return nil
 }
 
 // freePort asks the kernel for a free loopback TCP port and releases it.
@@ -167,7 +139,7 @@ func (g gateway) caddyfile() string {
 	if g.material != "" {
 		b.WriteString(g.material)
 	} else {
-		fmt.Fprintf(&b, "\t\tsigning_secret %q\n\t\tdecryption_key %s %q\n", "{file."+demo.secretPath+"}", demoKID, demo.keyPath)
+		fmt.Fprintf(&b, "\t\tsigning_secret %q\n\t\tdecryption_key %s %q\n", "{file."+demo.SecretPath+"}", demoKID, demo.KeyPath)
 	}
 	b.WriteString(g.kayleExtra)
 	fmt.Fprintf(&b, "\t}\n\treverse_proxy %s {\n", g.backend)
@@ -374,7 +346,7 @@ func randomHex(t testing.TB, n int) string {
 // encrypt makes a delivery body as Kayle does: a fresh JWE to the demo key.
 func encrypt(t testing.TB, payload []byte) []byte {
 	t.Helper()
-	body, err := kayle.EncryptDelivery(payload, demo.pub, demoKID, jose.A256GCM)
+	body, err := kayle.EncryptDelivery(payload, demo.Pub, demoKID, jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -401,7 +373,7 @@ func deliveryRequest(t testing.TB, url string, body, secret []byte, signedAt tim
 // deliver is a genuine delivery of ev: freshly encrypted, signed now.
 func deliver(t testing.TB, url string, ev event) *http.Request {
 	t.Helper()
-	return deliveryRequest(t, url, encrypt(t, ev.payload), demo.secret, time.Now(), ev.typ)
+	return deliveryRequest(t, url, encrypt(t, ev.payload), demo.Secret, time.Now(), ev.typ)
 }
 
 // received is one request as the backend saw it.

@@ -1,84 +1,35 @@
 package caddytest
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 )
 
-var (
-	buildOnce   sync.Once
-	caddyBinary string
-	buildErr    error
-)
+// caddyBuild builds ./cmd/caddy once per test binary (~1.5 min cold).
+var caddyBuild kayletest.CaddyBuild
 
-// buildCaddy builds ./cmd/caddy once per test binary (~1.5 min cold).
 func buildCaddy(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		start := time.Now()
-		bin := filepath.Join(scratch, "caddy")
-		args := []string{"build", "-o", bin}
-		if raceBuild {
-			args = append(args, "-race")
-		}
-		cmd := exec.Command("go", append(args, "./cmd/caddy")...)
-		cmd.Dir = ".." // the module root
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
-			return
-		}
-		caddyBinary = bin
-		t.Logf("built ./cmd/caddy in %s", time.Since(start).Round(time.Millisecond))
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return caddyBinary
+	return caddyBuild.Binary(t, "..", "./cmd/caddy", filepath.Join(scratch, "caddy"))
 }
 
-// syncBuffer collects a process's output; exec writes it from a goroutine.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// caddyProcess is one Caddy run from the built binary.
+// caddyProcess is one Caddy run from the built binary, serving gw.
 type caddyProcess struct {
-	cmd     *exec.Cmd
-	name    string
-	gw      gateway
-	out     *syncBuffer
-	exited  chan struct{}
-	waitErr error // set before exited is closed
+	*kayletest.Process
+	gw gateway
 }
 
 // startCaddy runs the Caddy binary with gw's Caddyfile in a process of its
-// own. The process is killed when the test ends; its output is logged if the
-// test failed.
+// own (see kayletest.StartCaddy).
 func startCaddy(t *testing.T, bin, name string, gw gateway) *caddyProcess {
 	t.Helper()
 	dir := t.TempDir()
@@ -86,58 +37,11 @@ func startCaddy(t *testing.T, bin, name string, gw gateway) *caddyProcess {
 	if err := os.WriteFile(config, []byte(gw.caddyfile()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "run", "--config", config, "--adapter", "caddyfile")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(),
-		"XDG_DATA_HOME="+filepath.Join(dir, "data"),
-		"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
-	)
-	p := &caddyProcess{cmd: cmd, name: name, gw: gw, out: new(syncBuffer), exited: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = p.out, p.out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		p.waitErr = cmd.Wait()
-		close(p.exited)
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-p.exited
-		if t.Failed() {
-			t.Logf("----- output of Caddy %s (%v) -----\n%s", p.name, p.waitErr, p.out.String())
-		}
-	})
-	return p
+	return &caddyProcess{Process: kayletest.StartCaddy(t, bin, name, dir, config), gw: gw}
 }
 
-// waitReady polls until the gateway's kayle_webhook route answers (405 to a
-// GET), for at most a minute.
-func (p *caddyProcess) waitReady(t *testing.T) {
-	t.Helper()
-	client := &http.Client{Timeout: time.Second}
-	defer client.CloseIdleConnections()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		select {
-		case <-p.exited:
-			t.Fatalf("Caddy %s exited before it was ready: %v", p.name, p.waitErr)
-		default:
-		}
-		resp, err := client.Get(p.gw.url())
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusMethodNotAllowed {
-				return
-			}
-			err = fmt.Errorf("status %d", resp.StatusCode)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Caddy %s not ready after a minute (last: %v)", p.name, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
+// waitReady polls until the gateway's kayle_webhook route answers.
+func (p *caddyProcess) waitReady(t *testing.T) { p.WaitReady(t, p.gw.url()) }
 
 // Two Caddy processes on one file_system storage forward each event once
 // between them, with copies of it arriving at both at the same moment.

@@ -21,6 +21,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/storagetest/servers"
 )
 
@@ -28,17 +29,13 @@ import (
 // with the row's global storage, kayle_webhook with the demo material, and
 // reverse_proxy to the test's backend.
 type gatewayProc struct {
-	name      string
+	*kayletest.Process
 	bin       string
 	dir       string
 	config    string // the Caddyfile's path
 	adminAddr string
 	url       string
-	env       []string
-	cmd       *exec.Cmd
-	out       *servers.SyncBuffer
-	exited    chan struct{}
-	waitErr   error // set before exited is closed
+	env       []string // the process's, for the commands run beside it
 }
 
 func gatewayCaddyfile(adminAddr string, port int, storage, backend string) string {
@@ -56,7 +53,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-`, adminAddr, storage, port, demo.secretPath, demoKID, demo.keyPath, backend)
+`, adminAddr, storage, port, demo.SecretPath, demoKID, demo.KeyPath, backend)
 }
 
 // startGateway runs one gateway (see waitReady). It is killed
@@ -66,71 +63,22 @@ func startGateway(t *testing.T, bin, name, storage, backend string) *gatewayProc
 	dir := t.TempDir()
 	port := servers.FreePort(t)
 	g := &gatewayProc{
-		name:      name,
 		bin:       bin,
 		dir:       dir,
 		config:    filepath.Join(dir, "Caddyfile"),
 		adminAddr: fmt.Sprintf("127.0.0.1:%d", servers.FreePort(t)),
 		url:       fmt.Sprintf("http://127.0.0.1:%d/kayle/webhook", port),
-		// Caddy's own data and config folders, never the user's
-		env: append(os.Environ(),
-			"XDG_DATA_HOME="+filepath.Join(dir, "data"),
-			"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
-		),
-		out:    new(servers.SyncBuffer),
-		exited: make(chan struct{}),
 	}
 	if err := os.WriteFile(g.config, []byte(gatewayCaddyfile(g.adminAddr, port, storage, backend)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	g.cmd = exec.Command(bin, "run", "--config", g.config)
-	g.cmd.Dir = dir
-	g.cmd.Env = g.env
-	g.cmd.Stdout, g.cmd.Stderr = g.out, g.out
-	if err := g.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		g.waitErr = g.cmd.Wait()
-		close(g.exited)
-	}()
-	t.Cleanup(func() {
-		_ = g.cmd.Process.Kill()
-		<-g.exited
-		if t.Failed() {
-			t.Logf("----- output of gateway %s (%v) -----\n%s", g.name, g.waitErr, g.out.String())
-		}
-	})
+	g.Process = kayletest.StartCaddy(t, bin, name, dir, g.config)
+	g.env = g.Cmd.Env
 	return g
 }
 
-// waitReady polls until the kayle_webhook route answers (405 to a GET),
-// for at most a minute.
-func (g *gatewayProc) waitReady(t *testing.T) {
-	t.Helper()
-	client := &http.Client{Timeout: time.Second}
-	defer client.CloseIdleConnections()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		select {
-		case <-g.exited:
-			t.Fatalf("gateway %s exited before it was ready: %v\n%s", g.name, g.waitErr, g.out.String())
-		default:
-		}
-		resp, err := client.Get(g.url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusMethodNotAllowed {
-				return
-			}
-			err = fmt.Errorf("status %d", resp.StatusCode)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("gateway %s not ready after a minute (last: %v)", g.name, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
+// waitReady polls until the kayle_webhook route answers.
+func (g *gatewayProc) waitReady(t *testing.T) { g.WaitReady(t, g.url) }
 
 // command runs a caddy subcommand as an operator on the gateway's machine
 // would (same environment), bounded by limit.
@@ -189,7 +137,7 @@ func randomHex(t testing.TB, n int) string {
 // freshly encrypted to the demo key, signed now.
 func delivery(t testing.TB, url string, ev event) *http.Request {
 	t.Helper()
-	body, err := kayle.EncryptDelivery(ev.payload, demo.pub, demoKID, jose.A256GCM)
+	body, err := kayle.EncryptDelivery(ev.payload, demo.Pub, demoKID, jose.A256GCM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +146,7 @@ func delivery(t testing.TB, url string, ev event) *http.Request {
 		t.Fatal(err)
 	}
 	req.Header.Set("Content-Type", "application/jose")
-	req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(demo.secret, time.Now(), body))
+	req.Header.Set(kayle.SignatureHeader, kayle.SignatureHeaderValue(demo.Secret, time.Now(), body))
 	req.Header.Set(kayle.HeaderDeliveryID, "whd_"+randomHex(t, 8))
 	req.Header.Set(kayle.HeaderEvent, eventType)
 	return req

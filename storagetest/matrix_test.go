@@ -87,7 +87,7 @@ func (m matrix) cluster(t *testing.T, respond responder) *cluster {
 func (c *cluster) expectDuplicate(t *testing.T, g *gatewayProc, ev event, why string) {
 	t.Helper()
 	if a := send(c.kayle, delivery(t, g.url, ev)); !a.isDuplicate() {
-		t.Errorf("%s: a copy to %s got %s, want a 200 duplicate", why, g.name, a)
+		t.Errorf("%s: a copy to %s got %s, want a 200 duplicate", why, g.Name, a)
 	}
 }
 
@@ -182,11 +182,11 @@ func (m matrix) killedHolder(t *testing.T) {
 	// A holds the event long enough to have shown it is alive (its first
 	// lease is written after 1 s), then dies
 	time.Sleep(2 * time.Second)
-	if err := c.a.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+	if err := c.a.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case <-c.a.exited:
+	case <-c.a.Exited:
 	case <-time.After(10 * time.Second):
 		t.Fatal("A did not die within 10 s of SIGKILL")
 	}
@@ -380,9 +380,9 @@ func (m matrix) stoppedStorage(t *testing.T) {
 	for _, g := range []*gatewayProc{c.a, c.b} {
 		a := send(c.kayle, delivery(t, g.url, ev))
 		if a.err != nil || a.status != http.StatusServiceUnavailable {
-			t.Errorf("a copy to %s with the storage stopped got %s, want 503", g.name, a)
+			t.Errorf("a copy to %s with the storage stopped got %s, want 503", g.Name, a)
 		}
-		t.Logf("%s: with the storage stopped, a copy to %s got %s", m.row.name, g.name, a)
+		t.Logf("%s: with the storage stopped, a copy to %s got %s", m.row.name, g.Name, a)
 	}
 	if n := c.be.total(); n != 0 {
 		t.Errorf("with the storage stopped the backend received %d requests, want none", n)

@@ -9,7 +9,6 @@
 package servers
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 )
 
 const (
@@ -75,7 +76,7 @@ type Proc struct {
 	// quitSignal ends it at the end of the test, quickly but letting it
 	// clean up (PostgreSQL's shared memory); 0: SIGKILL at once.
 	quitSignal syscall.Signal
-	out        SyncBuffer
+	out        kayletest.SyncBuffer
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -273,22 +274,4 @@ func start(t testing.TB, cleanup func(), build func(port int) *Proc) (*Proc, int
 		cleanup()
 	})
 	return p, port
-}
-
-// SyncBuffer collects a process's output; exec writes it from a goroutine.
-type SyncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *SyncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *SyncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -1,0 +1,6 @@
+//go:build !race
+
+package kayletest
+
+// Race: see race.go.
+const Race = false
