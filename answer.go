@@ -25,17 +25,20 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, res result) err
 	switch res.outcome {
 	case outcomeForwarded:
 		return res.err
+	case outcomeQueued:
+		h.logger.Debug("delivery queued", zap.String("event_id", ev.ID))
+		return acknowledge(w, http.StatusAccepted, kayle.HeaderQueued, "queued", ev.ID)
 	case outcomeDuplicate:
 		r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).Set("http.kayle.duplicate", true)
 		h.logger.Debug("duplicate delivery acknowledged, not forwarded", zap.String("event_id", ev.ID))
-		return acknowledge(w, kayle.HeaderDuplicate, "duplicate", ev.ID)
+		return acknowledge(w, http.StatusOK, kayle.HeaderDuplicate, "duplicate", ev.ID)
 	case outcomeIgnored:
 		// nothing is remembered, so a later change of the allowlist lets a
 		// replay of it through
 		h.logger.Info("event type not in the events allowlist; acknowledged, not forwarded",
 			zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),
 			zap.String("kid", res.kid), zap.String("delivery_id", res.deliveryID))
-		return acknowledge(w, kayle.HeaderIgnored, "ignored", ev.ID)
+		return acknowledge(w, http.StatusOK, kayle.HeaderIgnored, "ignored", ev.ID)
 	}
 	if res.reason != "" {
 		w.Header().Set(kayle.HeaderRefused, res.reason)
@@ -74,10 +77,11 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, res result) err
 // rejectTrace is the Trace of every refusal's HandlerError.
 const rejectTrace = "kaylewebhook.(*Handler).answer"
 
-// acknowledge answers Kayle 200 itself, without forwarding: the body is
-// {"status":<status>,"event_id":<id>} and the header named marker says
-// why (X-Kayle-Duplicate, X-Kayle-Ignored). Kayle stops retrying the event.
-func acknowledge(w http.ResponseWriter, marker, status, eventID string) error {
+// acknowledge answers Kayle itself, without forwarding (200, or 202 for a
+// queued event): the body is {"status":<status>,"event_id":<id>} and the
+// header named marker says why (X-Kayle-Duplicate, X-Kayle-Ignored,
+// X-Kayle-Queued). Kayle stops retrying the event.
+func acknowledge(w http.ResponseWriter, code int, marker, status, eventID string) error {
 	body, err := json.Marshal(struct {
 		Status  string `json:"status"`
 		EventID string `json:"event_id"`
@@ -90,7 +94,7 @@ func acknowledge(w http.ResponseWriter, marker, status, eventID string) error {
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Header().Set(marker, "true")
 	w.Header().Set(kayle.HeaderEventID, eventID)
-	w.WriteHeader(http.StatusOK)
+	w.WriteHeader(code)
 	_, _ = w.Write(body)
 	return nil
 }

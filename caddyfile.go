@@ -1,6 +1,11 @@
 package kaylewebhook
 
 import (
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -32,6 +37,15 @@ func init() {
 //		dedupe off                       # dedupe_disabled; forward every verified copy
 //		forward_signature <whsec_secret> # forward_signature_secrets; repeatable; sign the forward (Standard Webhooks)
 //		events <type>…                   # events; repeatable; forward only these types
+//		queue {                          # queue; answer 202 once stored, forward from the queue
+//			forward {                    # queue.forward; handler directives, e.g. reverse_proxy
+//				reverse_proxy <upstream>
+//			}
+//			horizon <duration>           # queue.horizon; default 7d; then the event is dead
+//			max_backoff <duration>       # queue.max_backoff; default 1m
+//			concurrency <n>              # queue.concurrency; default 8
+//			rate <n>/s|m|h               # queue.rate (per second); default: no limit
+//		}
 //	}
 //
 // decryption_keys <jwks-file>, decryption_jwks's old name, is still read,
@@ -148,11 +162,88 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("module %s is not a caddy.StorageConverter", modID)
 			}
 			h.StorageRaw = caddyconfig.JSONModuleObject(storage, "module", modStem, nil)
+		case "queue":
+			if err := h.unmarshalQueue(d); err != nil {
+				return err
+			}
 		default:
 			return d.Errf("unrecognized kayle_webhook option %q", d.Val())
 		}
 	}
 	return nil
+}
+
+// unmarshalQueue reads the queue block. Its forward block is kept for
+// parseCaddyfile, which parses it as routes with the helper.
+func (h *Handler) unmarshalQueue(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if h.Queue != nil {
+		return d.Err("queue is given twice")
+	}
+	h.Queue = new(Queue)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "forward":
+			if h.queueForward != nil {
+				return d.Err("queue has one forward block")
+			}
+			h.queueForward = d.NewFromNextSegment()
+		case "horizon", "max_backoff":
+			name := d.Val()
+			var value string
+			if !d.Args(&value) || d.NextArg() {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(value)
+			if err != nil {
+				return d.Errf("queue %s: %v", name, err)
+			}
+			if name == "horizon" {
+				h.Queue.Horizon = caddy.Duration(dur)
+			} else {
+				h.Queue.MaxBackoff = caddy.Duration(dur)
+			}
+		case "concurrency":
+			var value string
+			if !d.Args(&value) || d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(value)
+			if err != nil || n < 1 || n > maxQueueConcurrency {
+				return d.Errf("queue concurrency %q: give a number of forwards from 1 to %d", value, maxQueueConcurrency)
+			}
+			h.Queue.Concurrency = n
+		case "rate":
+			var value string
+			if !d.Args(&value) || d.NextArg() {
+				return d.ArgErr()
+			}
+			perSecond, err := parseRate(value)
+			if err != nil {
+				return d.Errf("queue rate: %v", err)
+			}
+			h.Queue.Rate = perSecond
+		default:
+			return d.Errf("unrecognized queue option %q", d.Val())
+		}
+	}
+	if h.queueForward == nil {
+		return d.Err("queue needs a forward block: forward { reverse_proxy <backend> }")
+	}
+	return nil
+}
+
+// parseRate reads a rate such as 50/s, 600/m or 1000/h as forwards a second.
+func parseRate(value string) (float64, error) {
+	count, unit, ok := strings.Cut(value, "/")
+	per := map[string]float64{"s": 1, "m": 60, "h": 3600}[unit]
+	n, err := strconv.ParseFloat(count, 64)
+	if !ok || per == 0 || err != nil || !(n > 0) || math.IsInf(n, 0) {
+		return 0, fmt.Errorf("%q is not a rate: give forwards per second, minute or hour, such as 50/s, 600/m or 1000/h", value)
+	}
+	return n / per, nil
 }
 
 // caddyfileLog is where the Caddyfile parser warns: Caddy's log, where the
@@ -176,6 +267,22 @@ const unsetVariableHint = "is an environment variable ({$VAR}) on that line unse
 
 func parseCaddyfile(helper httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	h := new(Handler)
-	err := h.UnmarshalCaddyfile(helper.Dispenser)
-	return h, err
+	if err := h.UnmarshalCaddyfile(helper.Dispenser); err != nil {
+		return nil, err
+	}
+	if h.queueForward != nil {
+		// as reverse_proxy's handle_response: the block's handler
+		// directives become routes
+		handler, err := httpcaddyfile.ParseSegmentAsSubroute(helper.WithDispenser(h.queueForward))
+		if err != nil {
+			return nil, err
+		}
+		subroute, ok := handler.(*caddyhttp.Subroute)
+		if !ok {
+			return nil, helper.Errf("queue forward: the block was not parsed as routes")
+		}
+		h.Queue.Forward = subroute.Routes
+		h.queueForward = nil
+	}
+	return h, nil
 }

@@ -43,6 +43,28 @@ func (k *keyedMutex) acquire(ctx context.Context, key string) (release func(), e
 	}
 }
 
+// tryAcquire claims key if it is free now.
+func (k *keyedMutex) tryAcquire(key string) (release func(), ok bool) {
+	k.mu.Lock()
+	e := k.entries[key]
+	if e == nil {
+		e = &keyedEntry{token: make(chan struct{}, 1)}
+		k.entries[key] = e
+	}
+	e.refs++
+	k.mu.Unlock()
+	select {
+	case e.token <- struct{}{}:
+		return func() {
+			<-e.token
+			k.drop(key, e)
+		}, true
+	default:
+		k.drop(key, e)
+		return nil, false
+	}
+}
+
 func (k *keyedMutex) drop(key string, e *keyedEntry) {
 	k.mu.Lock()
 	if e.refs--; e.refs == 0 {

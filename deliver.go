@@ -21,13 +21,17 @@ const (
 )
 
 // deliver is a verified delivery's last step: an event type outside the
-// allowlist is ignored, any other is forwarded, through the deduper when
-// dedupe is on. plaintext is r's body, for the forward's signature.
-func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, res result, plaintext []byte) result {
+// allowlist is ignored, any other is queued in queue mode, or else
+// forwarded, through the deduper when dedupe is on.
+func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, res result, in verified) result {
 	if !h.wantsType(res.event.Type) {
 		res.outcome = outcomeIgnored
 		return res
 	}
+	if h.queue != nil {
+		return h.queue.enqueue(r, res, in)
+	}
+	plaintext := in.plaintext
 	stage := &forwardStage{next: next, h: h, eventID: res.event.ID, body: plaintext}
 	returned := false
 	defer func() {
@@ -50,11 +54,8 @@ func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp
 	returned = true
 	observeDuration(phaseDedupeStorage, time.Since(start)-stage.elapsed)
 	switch res.outcome {
-	case outcomeLockBusy, outcomeStorageUnavailable:
-		// nothing forwarded: Kayle retries
-		res.status, res.reason = http.StatusServiceUnavailable, string(res.outcome)
-	case outcomeClientGone:
-		res.status = statusClientClosedRequest
+	case outcomeLockBusy, outcomeStorageUnavailable, outcomeClientGone:
+		res.status, res.reason = lockFailureStatus(res.outcome)
 	}
 	return res
 }
@@ -64,37 +65,20 @@ func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp
 // writes no answer itself: on any outcome but forwarded, the caller answers;
 // the error is then the reason, or else what next returned.
 func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, eventID string) (outcome, error) {
-	eventHash, recordKey, lockName := d.eventKeys(eventID)
 	ctx := r.Context()
-
-	releaseClaim, err := inProcessClaims.acquire(ctx, recordKey)
-	if err != nil {
-		return clientGone(eventID, err)
+	held, rec, releaseClaim, o, err := d.lockEvent(ctx, eventID)
+	if o != "" {
+		return o, err
 	}
 	defer releaseClaim()
-
-	// The wait does not end with Kayle's connection: a copy must be able to
-	// wait out a dead holder's silence and take the event over, even when
-	// Kayle hung up after a few seconds. It is bounded all the same.
-	waitCtx, cancelWait := context.WithTimeout(context.WithoutCancel(ctx), d.timing.waitLimit)
-	held, rec, err := d.acquire(waitCtx, lockName, recordKey, eventID)
-	cancelWait()
-	switch {
-	case errors.Is(err, errLockBusy) && ctx.Err() != nil:
-		return clientGone(eventID, err)
-	case errors.Is(err, errLockBusy):
-		return outcomeLockBusy, fmt.Errorf("event %s: %w", eventID, err)
-	case err != nil:
-		return outcomeStorageUnavailable, fmt.Errorf("dedupe storage, event %s: %w", eventID, err)
-	}
-	if held == nil || d.isDelivered(rec) {
+	if held == nil || d.isDelivered(rec) || rec.isQueued() {
 		if held != nil {
 			held.release()
 		}
 		return outcomeDuplicate, nil
 	}
 	defer held.release()
-	held.lease.EventSHA256 = eventHash
+	held.lease.EventSHA256 = hashHex(eventID)
 	if rec != nil || held.tookOver {
 		// an earlier holder's lease or failure mark, or a takeover: write
 		// this holder's lease at once, so that waiters see a change and do
@@ -147,6 +131,40 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	d.remember(ctx, held, eventID, status)
 	return outcomeForwarded, nextErr
+}
+
+// lockEvent takes an event for one copy of it: the in-process claim (so
+// same-instance copies never pay the storage lock's poll), then the storage
+// lock, and reads the event's record. On failure the outcome says what the
+// copy is answered (the claim is then released). held is nil when the wait
+// ended on a delivered record. releaseClaim must be called once, after
+// held's release.
+func (d *deduper) lockEvent(ctx context.Context, eventID string) (held *heldLock, rec *record, releaseClaim func(), o outcome, err error) {
+	_, recordKey, lockName := d.eventKeys(eventID)
+	releaseClaim, err = inProcessClaims.acquire(ctx, recordKey)
+	if err != nil {
+		o, err = clientGone(eventID, err)
+		return nil, nil, nil, o, err
+	}
+	// The wait does not end with Kayle's connection: a copy must be able to
+	// wait out a dead holder's silence and take the event over, even when
+	// Kayle hung up after a few seconds. It is bounded all the same.
+	waitCtx, cancelWait := context.WithTimeout(context.WithoutCancel(ctx), d.timing.waitLimit)
+	held, rec, err = d.acquire(waitCtx, lockName, recordKey, eventID)
+	cancelWait()
+	switch {
+	case errors.Is(err, errLockBusy) && ctx.Err() != nil:
+		o, err = clientGone(eventID, err)
+	case errors.Is(err, errLockBusy):
+		o, err = outcomeLockBusy, fmt.Errorf("event %s: %w", eventID, err)
+	case err != nil:
+		o, err = outcomeStorageUnavailable, fmt.Errorf("dedupe storage, event %s: %w", eventID, err)
+	}
+	if o != "" {
+		releaseClaim()
+		return nil, nil, nil, o, err
+	}
+	return held, rec, releaseClaim, "", nil
 }
 
 // remember writes the record of an event the backend accepted.

@@ -311,7 +311,7 @@ var storageCases = []storageCase{
 // does after verifying and decrypting it: deliverOnce, then the answer.
 func deliverThrough(d *deduper, w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, eventID string) error {
 	h := handlerAround(d)
-	return h.answer(w, r, h.deliver(w, r, next, result{event: kayle.Event{ID: eventID}}, nil))
+	return h.answer(w, r, h.deliver(w, r, next, result{event: kayle.Event{ID: eventID}}, verified{}))
 }
 
 // handlerAround is the handler deliverThrough runs d in: one per deduper,

@@ -108,6 +108,11 @@ type Handler struct {
 	// remembered (Kayle stops retrying it). Default: every type.
 	Events []string `json:"events,omitempty"`
 
+	// Queue mode: answer Kayle 202 once the delivery is stored, still
+	// encrypted, and forward it from the queue (see Queue). Default: off,
+	// the rest of the route is called with each delivery.
+	Queue *Queue `json:"queue,omitempty"`
+
 	secrets      [][]byte
 	macKeys      *kayle.MACKeys // secrets, keyed HMACs pooled
 	forwardKeys  [][]byte
@@ -115,6 +120,10 @@ type Handler struct {
 	keys         kayle.KeyRing
 	tolerance    time.Duration
 	dedupe       *deduper
+	queue        *queueRunner
+	// queueForward is the Caddyfile's queue forward block, parsed into
+	// Queue.Forward by parseCaddyfile (which has the helper it needs)
+	queueForward *caddyfile.Dispenser
 	logger       *zap.Logger
 	rejectLogger *zap.Logger // logger, sampled: see setLogger
 	now          func() time.Time
@@ -147,7 +156,11 @@ func (h *Handler) Cleanup() error {
 		return nil
 	}
 	h.dedupe.retire()
-	if h.exiting != nil && h.exiting() {
+	exiting := h.exiting != nil && h.exiting()
+	if h.queue != nil {
+		h.queue.stopQueue(exiting)
+	}
+	if exiting {
 		h.dedupe.releaseAll()
 	}
 	return nil
@@ -180,42 +193,50 @@ func (h *Handler) handle(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		deliveryID = ""
 	}
 	repl.Set("http.kayle.delivery_id", deliveryID)
-	res, plaintext := h.check(w, r, repl, deliveryID)
+	res, in := h.check(w, r, repl, deliveryID)
 	res.deliveryID = deliveryID
 	if res.outcome != "" {
 		return res
 	}
-	return h.deliver(w, r, next, res, plaintext)
+	return h.deliver(w, r, next, res, in)
+}
+
+// verified is a delivery check let through: its plaintext (r's body now),
+// and for the queue the body as it arrived and its signature.
+type verified struct {
+	plaintext []byte
+	jwe       []byte
+	signature string
 }
 
 // check verifies and decrypts a delivery and rewrites r into the plaintext
-// request, whose body is the returned plaintext. Its result has an outcome
-// only when the delivery is refused.
-func (h *Handler) check(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, deliveryID string) (result, []byte) {
+// request. Its result has an outcome only when the delivery is refused.
+func (h *Handler) check(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, deliveryID string) (result, verified) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		closeAfterUnreadBody(w, r)
-		return refused(outcomeRejectedMethod, http.StatusMethodNotAllowed, "method_not_allowed", fmt.Errorf("method %s is not POST", r.Method)), nil
+		return refused(outcomeRejectedMethod, http.StatusMethodNotAllowed, "method_not_allowed", fmt.Errorf("method %s is not POST", r.Method)), verified{}
 	}
 	// The header before the body: a request that cannot be Kayle's is
 	// refused for the price of a header parse, without a 100 Continue or a
 	// byte of its body read. The MAC needs the body, so it is checked after.
-	sig, err := kayle.ParseSignature(r.Header.Get(kayle.SignatureHeader))
+	signature := r.Header.Get(kayle.SignatureHeader)
+	sig, err := kayle.ParseSignature(signature)
 	if err != nil {
 		closeAfterUnreadBody(w, r)
-		return refused(outcomeRejectedSignature, http.StatusBadRequest, signatureReason(err), err), nil
+		return refused(outcomeRejectedSignature, http.StatusBadRequest, signatureReason(err), err), verified{}
 	}
 	body, err := readBody(w, r, h.MaxBodySize)
 	if err != nil {
 		closeAfterUnreadBody(w, r)
-		return bodyRefusal(err), nil
+		return bodyRefusal(err), verified{}
 	}
 
 	start := time.Now()
 	position, err := sig.Verify(body, h.macKeys, h.now(), h.tolerance)
 	observePhase(phaseVerify, start)
 	if err != nil {
-		return refused(outcomeRejectedSignature, http.StatusBadRequest, signatureReason(err), err), nil
+		return refused(outcomeRejectedSignature, http.StatusBadRequest, signatureReason(err), err), verified{}
 	}
 	countSecretMatch(position)
 
@@ -227,16 +248,16 @@ func (h *Handler) check(w http.ResponseWriter, r *http.Request, repl *caddy.Repl
 		setLogFields(r, zap.String("kayle_kid", kid))
 		res := refused(outcomeUnknownKID, http.StatusInternalServerError, "unknown_kid", err)
 		res.kid = kid
-		return res, nil
+		return res, verified{}
 	case err != nil:
-		return refused(outcomeRejectedDecrypt, http.StatusUnprocessableEntity, "jwe_invalid", err), nil
+		return refused(outcomeRejectedDecrypt, http.StatusUnprocessableEntity, "jwe_invalid", err), verified{}
 	}
 	countKeyUse(kid)
 	setLogFields(r, zap.String("kayle_kid", kid))
 
 	ev, err := kayle.ParseEvent(plaintext)
 	if err != nil {
-		return refused(outcomeRejectedPayload, http.StatusUnprocessableEntity, "payload_invalid", err), nil
+		return refused(outcomeRejectedPayload, http.StatusUnprocessableEntity, "payload_invalid", err), verified{}
 	}
 
 	rewriteRequest(r, repl, plaintext, ev, kid, deliveryID, sig)
@@ -244,7 +265,7 @@ func (h *Handler) check(w http.ResponseWriter, r *http.Request, repl *caddy.Repl
 	h.logger.Debug("verified delivery",
 		zap.String("event_id", ev.ID), zap.String("event_type", ev.Type),
 		zap.String("kid", kid), zap.String("delivery_id", deliveryID))
-	return result{kid: kid, event: ev}, plaintext
+	return result{kid: kid, event: ev}, verified{plaintext: plaintext, jwe: body, signature: signature}
 }
 
 // Interface guards

@@ -48,6 +48,47 @@ var (
 	}, []string{"phase"})
 )
 
+// The queue's collectors, labelled by the queue (its dedupe_prefix, a
+// configured name).
+var (
+	queueDepth = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "kayle_webhook",
+		Name:      "queue_depth",
+		Help:      "Events queued and not yet delivered, dead ones aside, as last counted (every minute).",
+	}, []string{"queue"})
+	queueOldestAge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "kayle_webhook",
+		Name:      "queue_oldest_age_seconds",
+		Help:      "How long ago the oldest queued event was received, as last counted; 0 when the queue is empty.",
+	}, []string{"queue"})
+	queueDead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "kayle_webhook",
+		Name:      "queue_dead",
+		Help:      "Dead events (past the horizon, or unopenable), kept until an operator retries or drops them, as last counted.",
+	}, []string{"queue"})
+	queueForwardsTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy",
+		Subsystem: "kayle_webhook",
+		Name:      "queue_forwards_total",
+		Help:      "Forwards from the queue, by the status the backend answered (502 when it could not be reached).",
+	}, []string{"queue", "status"})
+	queueBackoffSeconds = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "kayle_webhook",
+		Name:      "queue_backoff_seconds",
+		Help:      "The queue's current wait between probes of a failing backend; 0 while the backend answers.",
+	}, []string{"queue"})
+	queuePausedGauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "kayle_webhook",
+		Name:      "queue_paused",
+		Help:      "1 while the queue is paused (caddy kayle queue pause): deliveries are queued, none forwarded.",
+	}, []string{"queue"})
+)
+
 // The phases of phaseSeconds.
 const (
 	phaseVerify        = "verify"
@@ -63,7 +104,8 @@ func registerMetrics(registry *prometheus.Registry, kids []string, secrets int) 
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{requestsTotal, recordWriteFailuresTotal, keyUsesTotal, secretMatchesTotal, phaseSeconds} {
+	for _, c := range []prometheus.Collector{requestsTotal, recordWriteFailuresTotal, keyUsesTotal, secretMatchesTotal, phaseSeconds,
+		queueDepth, queueOldestAge, queueDead, queueForwardsTotal, queueBackoffSeconds, queuePausedGauge} {
 		if err := registry.Register(c); err != nil {
 			if _, already := errors.AsType[prometheus.AlreadyRegisteredError](err); !already {
 				return fmt.Errorf("registering metrics: %w", err)
@@ -97,4 +139,38 @@ func observePhase(phase string, start time.Time) { observeDuration(phase, time.S
 // observeDuration records d in phase.
 func observeDuration(phase string, d time.Duration) {
 	phaseSeconds.WithLabelValues(phase).Observe(d.Seconds())
+}
+
+// registerQueueMetrics makes a queue's gauges visible at 0.
+func registerQueueMetrics(queue string) {
+	for _, g := range []*prometheus.GaugeVec{queueDepth, queueOldestAge, queueDead, queueBackoffSeconds, queuePausedGauge} {
+		g.WithLabelValues(queue)
+	}
+}
+
+// countQueueForward counts a forward from the queue by its status, a
+// number from 100 to 599.
+func countQueueForward(queue string, status int) {
+	queueForwardsTotal.WithLabelValues(queue, strconv.Itoa(status)).Inc()
+}
+
+func setQueueBackoff(queue string, wait time.Duration) {
+	queueBackoffSeconds.WithLabelValues(queue).Set(wait.Seconds())
+}
+
+func setQueuePaused(queue string, paused bool) {
+	v := 0.0
+	if paused {
+		v = 1
+	}
+	queuePausedGauge.WithLabelValues(queue).Set(v)
+}
+
+func setQueueStats(queue string, depth int, oldest time.Duration, dead int) {
+	queueDepth.WithLabelValues(queue).Set(float64(depth))
+	if depth == 0 {
+		oldest = 0
+	}
+	queueOldestAge.WithLabelValues(queue).Set(oldest.Seconds())
+	queueDead.WithLabelValues(queue).Set(float64(dead))
 }

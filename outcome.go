@@ -15,6 +15,7 @@ type outcome string
 
 const (
 	outcomeForwarded          outcome = "forwarded"
+	outcomeQueued             outcome = "queued"
 	outcomeDuplicate          outcome = "duplicate"
 	outcomeIgnored            outcome = "ignored"
 	outcomeRejectedMethod     outcome = "rejected_method"

@@ -66,7 +66,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		return nil
 	}
-	return h.provisionDedupe(ctx)
+	if err := h.provisionDedupe(ctx); err != nil {
+		return err
+	}
+	if h.Queue == nil {
+		return nil
+	}
+	if err := h.provisionQueue(ctx); err != nil {
+		return err
+	}
+	h.queue.start()
+	return nil
 }
 
 func (h *Handler) provisionSecrets(repl *caddy.Replacer) error {
@@ -223,6 +233,11 @@ func (h *Handler) Validate() error {
 	}
 	if h.Tolerance < 0 {
 		return fmt.Errorf("tolerance (JSON tolerance) is %s; it must not be negative", time.Duration(h.Tolerance))
+	}
+	if h.Queue != nil {
+		if err := h.Queue.validate(h.DedupeDisabled); err != nil {
+			return err
+		}
 	}
 	if !h.DedupeDisabled && h.DedupeWindow != 0 && time.Duration(h.DedupeWindow) < minDedupeWindow {
 		return fmt.Errorf("dedupe_window (JSON dedupe_window) %s is shorter than Kayle's retry and replay horizon; use at least 8d", time.Duration(h.DedupeWindow))

@@ -30,6 +30,9 @@ type record struct {
 	// Released: the holder let go without delivering (its forward failed),
 	// so the next copy need not wait for the lease's silence.
 	Released bool `json:"released,omitempty"`
+	// Queue: the event is queued (or dead) and not yet delivered; the
+	// delivery as it arrived, still encrypted (queue_item.go).
+	Queue *queueItem `json:"queue,omitempty"`
 }
 
 // eventKeys derives the record key and lock name from a hash of the event id,
@@ -38,11 +41,18 @@ type record struct {
 func (d *deduper) eventKeys(eventID string) (eventHash, recordKey, lockName string) {
 	sum := sha256.Sum256([]byte(eventID))
 	eventHash = hex.EncodeToString(sum[:])
-	recordKey = path.Join(d.prefix, eventHash[:2], eventHash)
-	lockSum := sha256.Sum256([]byte(recordKey))
-	lockName = "kayle_webhook_event_" + hex.EncodeToString(lockSum[:16])
+	recordKey, lockName = d.recordKeyOf(eventHash)
 	return eventHash, recordKey, lockName
 }
+
+// lockNameOf is the storage lock of the event whose record is recordKey.
+func lockNameOf(recordKey string) string {
+	lockSum := sha256.Sum256([]byte(recordKey))
+	return "kayle_webhook_event_" + hex.EncodeToString(lockSum[:16])
+}
+
+// isQueued reports whether rec is a queued (or dead) event's.
+func (rec *record) isQueued() bool { return rec != nil && rec.Queue != nil && rec.DeliveredAt.IsZero() }
 
 // isDelivered reports whether rec says the event was delivered within the
 // window.
@@ -56,6 +66,7 @@ func (d *deduper) commit(ctx context.Context, recordKey string, rec record, stat
 	rec.DeliveredAt = d.now().UTC()
 	rec.Status = status
 	rec.HeartbeatAt = time.Time{}
+	rec.Queue = nil // the delivery leaves the storage with its delivery
 	data, err := json.Marshal(rec)
 	if err != nil {
 		return err
@@ -125,7 +136,7 @@ func (d *deduper) loadRecord(ctx context.Context, key string) (*record, error) {
 		return nil, err
 	}
 	var rec record
-	if err := json.Unmarshal(data, &rec); err != nil || (rec.DeliveredAt.IsZero() && rec.HeartbeatAt.IsZero()) {
+	if err := json.Unmarshal(data, &rec); err != nil || (rec.DeliveredAt.IsZero() && rec.HeartbeatAt.IsZero() && rec.Queue == nil) {
 		d.logger.Warn("ignoring an unreadable dedupe record", zap.String("key", key))
 		return nil, nil
 	}

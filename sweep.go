@@ -195,8 +195,13 @@ func (d *deduper) expired(ctx context.Context, key string, cutoff, now time.Time
 			return false, err
 		}
 		var rec record
-		if json.Unmarshal(data, &rec) == nil && !rec.DeliveredAt.IsZero() {
-			return rec.DeliveredAt.Before(cutoff), nil
+		if json.Unmarshal(data, &rec) == nil {
+			if rec.Queue != nil {
+				return false, nil // a queued or dead event: the queue's to end
+			}
+			if !rec.DeliveredAt.IsZero() {
+				return rec.DeliveredAt.Before(cutoff), nil
+			}
 		}
 	}
 	return !info.Modified.IsZero() && info.Modified.Before(cutoff), nil

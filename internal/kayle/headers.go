@@ -17,6 +17,9 @@ const (
 	// HeaderIgnored marks the answer to a delivery whose type is not in the
 	// events allowlist: acknowledged so Kayle stops retrying, never forwarded.
 	HeaderIgnored = "X-Kayle-Ignored"
+	// HeaderQueued marks the 202 answer to a delivery the queue stored, to
+	// be forwarded from there.
+	HeaderQueued = "X-Kayle-Queued"
 	// HeaderRefused carries, on every refusal the gateway answers itself, one
 	// fixed word saying why (signature_mismatch, jwe_invalid, …): never a
 	// secret or a byte of the delivery.

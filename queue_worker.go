@@ -1,0 +1,574 @@
+package kaylewebhook
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"net/http"
+	"net/url"
+	"path"
+	"slices"
+	"time"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayle"
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/standardwebhooks"
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// queueJob is one forward of a queued event, made while holding its lock.
+type queueJob struct {
+	held         *heldLock // nil until the lock is taken
+	releaseClaim func()
+	eventHash    string
+	item         *queueItem // the record's; lease writes carry it
+	probe        bool       // the one forward of a queue backing off
+
+	// the delivery opened: in memory only, for this forward
+	plaintext    []byte
+	event        kayle.Event
+	sigTimestamp string
+}
+
+// takeSlotNow takes a forward slot for a first try, if one may start now:
+// a slot is free, the queue neither paused nor backing off, the rate allows.
+func (q *queueRunner) takeSlotNow() bool {
+	q.mu.Lock()
+	ok := !q.paused && !q.backoff.backingOff()
+	q.mu.Unlock()
+	if !ok {
+		return false
+	}
+	select {
+	case q.slots <- struct{}{}:
+	default:
+		return false
+	}
+	if q.limiter != nil && !q.limiter.Allow() {
+		q.freeSlot()
+		return false
+	}
+	return true
+}
+
+func (q *queueRunner) freeSlot() { <-q.slots }
+
+// waitTurn waits for a slot and the rate for a polled event. ok is false
+// when no forward may start now: stopping, paused, or backing off with the
+// probe out or not yet due; probe: this forward is the probe.
+func (q *queueRunner) waitTurn() (probe, ok bool) {
+	select {
+	case q.slots <- struct{}{}:
+	case <-q.ctx.Done():
+		return false, false
+	}
+	q.mu.Lock()
+	switch {
+	case q.paused:
+		ok = false
+	case q.backoff.backingOff():
+		ok = !q.backoff.probing && !q.h.now().Before(q.backoff.until)
+		probe = ok
+		q.backoff.probing = ok
+	default:
+		ok = true
+	}
+	q.mu.Unlock()
+	if ok && q.limiter != nil && q.limiter.Wait(q.ctx) != nil {
+		ok = false
+		if probe {
+			q.mu.Lock()
+			q.backoff.probing = false
+			q.mu.Unlock()
+		}
+	}
+	if !ok {
+		q.freeSlot()
+	}
+	return probe, ok
+}
+
+// startJob runs a first try, whose event's lock the caller holds.
+func (q *queueRunner) startJob(j *queueJob) {
+	q.active.Add(1)
+	go func() {
+		defer q.endJob(j)
+		q.forwardJob(context.Background(), j)
+	}()
+}
+
+// endJob lets go of what a job held.
+func (q *queueRunner) endJob(j *queueJob) {
+	if r := recover(); r != nil {
+		q.logger.Error("a queued event's forward panicked; it is tried again once its lease is found silent",
+			zap.String("event_hash", j.eventHash), zap.Any("panic", r))
+	}
+	if j.held != nil {
+		j.held.release()
+	}
+	j.releaseClaim()
+	q.mu.Lock()
+	if j.probe {
+		q.backoff.probing = false
+	}
+	q.mu.Unlock()
+	j.plaintext = nil
+	q.freeSlot()
+	q.active.Done()
+}
+
+// loop polls for due events until the queue stops.
+func (q *queueRunner) loop() {
+	defer close(q.done)
+	q.scan()
+	poll := time.NewTicker(q.pollEvery)
+	defer poll.Stop()
+	stats := time.NewTicker(q.statsEvery)
+	defer stats.Stop()
+	for {
+		select {
+		case <-q.ctx.Done():
+			return
+		case <-stats.C:
+			q.scan()
+			continue
+		case <-poll.C:
+		case <-q.wake:
+		}
+		q.poll()
+	}
+}
+
+// poll starts a forward for each due event, bucket by bucket from the
+// cursor to now, as slots, the rate and the backoff allow.
+func (q *queueRunner) poll() {
+	if q.readPaused() {
+		return
+	}
+	q.mu.Lock()
+	waiting := q.backoff.backingOff() && (q.backoff.probing || q.h.now().Before(q.backoff.until))
+	from := q.cursor
+	q.mu.Unlock()
+	if waiting {
+		return
+	}
+	now := q.h.now()
+	skewed := bucketOf(now.Add(-queueClockSkew))
+	for bucket := from; bucket <= bucketOf(now); bucket++ {
+		markers, err := q.listBucket(bucket)
+		if err != nil {
+			q.logger.Warn("listing due queue markers", zap.Int64("bucket", bucket), zap.Error(err))
+			return
+		}
+		if len(markers) == 0 && bucket < skewed {
+			q.mu.Lock()
+			if q.cursor == bucket {
+				q.cursor = bucket + 1
+			}
+			q.mu.Unlock()
+			continue
+		}
+		for _, m := range markers {
+			if m.next.After(now) {
+				continue
+			}
+			if !q.dispatch(m) {
+				return
+			}
+		}
+	}
+}
+
+// listBucket lists a due bucket's markers, soonest first.
+func (q *queueRunner) listBucket(bucket int64) ([]queueMarker, error) {
+	ctx, cancel := context.WithTimeout(q.ctx, storageTimeout)
+	defer cancel()
+	keys, err := q.d.storage.List(ctx, q.bucketKey(bucket), false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	markers := make([]queueMarker, 0, len(keys))
+	for _, key := range keys {
+		if m, ok := parseDueMarker(key); ok {
+			markers = append(markers, m)
+		}
+	}
+	slices.SortFunc(markers, func(a, b queueMarker) int { return a.next.Compare(b.next) })
+	return markers, nil
+}
+
+// dispatch starts the forward of a due marker's event, once a slot is free.
+// It returns false when this poll should stop.
+func (q *queueRunner) dispatch(m queueMarker) bool {
+	recordKey, lockName := q.d.recordKeyOf(m.eventHash)
+	releaseClaim, ok := inProcessClaims.tryAcquire(recordKey)
+	if !ok {
+		return true // in hand in this process (a first try, a copy)
+	}
+	probe, ok := q.waitTurn()
+	if !ok {
+		releaseClaim()
+		return false
+	}
+	j := &queueJob{releaseClaim: releaseClaim, eventHash: m.eventHash, probe: probe}
+	q.active.Add(1)
+	go func() {
+		defer q.endJob(j)
+		q.claim(j, m, recordKey, lockName)
+	}()
+	return true
+}
+
+// claim takes a due event's lock, as a copy of it would (a dead holder is
+// taken over), checks that the marker still stands for it, opens the stored
+// delivery and forwards it.
+func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName string) {
+	ctx := context.Background()
+	d := q.d
+	rec, err := d.loadRecord(ctx, recordKey)
+	if err != nil {
+		q.logger.Warn("reading a queued event's record", zap.String("event_hash", m.eventHash), zap.Error(err))
+		return
+	}
+	switch {
+	case rec != nil && !rec.isQueued():
+		q.deleteMarker(ctx, m.key) // delivered: a marker left behind
+		return
+	case rec != nil && rec.Queue.Marker != m.key:
+		return // rescheduled, or being; decided under the lock when next met
+	case isLiveLease(rec) && d.now().Sub(rec.HeartbeatAt) < d.timing.staleAfter:
+		return // another holder is at it, by its own clock; if it died, its lease goes silent
+	}
+	// long enough to find a dead holder silent and take over
+	waitCtx, cancel := context.WithTimeout(ctx, d.timing.staleAfter+3*d.timing.pollEvery)
+	held, rec, err := d.acquire(waitCtx, lockName, recordKey, "queued event "+m.eventHash[:16])
+	cancel()
+	if errors.Is(err, errLockBusy) {
+		return
+	}
+	if err != nil {
+		q.logger.Warn("locking a queued event", zap.String("event_hash", m.eventHash), zap.Error(err))
+		return
+	}
+	j.held = held
+	if held == nil || !rec.isQueued() || rec.Queue.Marker != m.key {
+		// delivered, never written (an enqueue that failed), or moved: the
+		// marker stands for nothing
+		q.deleteMarker(ctx, m.key)
+		return
+	}
+	j.item = rec.Queue
+	held.lease = *rec
+	held.lease.EventSHA256 = m.eventHash
+	now := d.now()
+	if now.Sub(j.item.horizonStart()) > q.horizon {
+		q.bury(ctx, j, "")
+		return
+	}
+	// the lease now, so other instances' polls see this holder alive
+	if err := held.writeLease(ctx); err != nil {
+		q.logger.Warn("writing a queued event's lease", zap.String("event_id", j.item.EventID), zap.Error(err))
+		return
+	}
+	held.heartbeat(d.timing.beatEvery)
+	if why, tampered := q.open(j); why != "" {
+		q.cannotOpen(ctx, j, why, tampered)
+		return
+	}
+	q.forwardJob(ctx, j)
+}
+
+// open verifies and decrypts a stored delivery, as check does an incoming
+// one (its signature at its own t). why says in fixed words and ids why it
+// cannot be opened; tampered: it never will be (not Kayle's, or not this
+// event's).
+func (q *queueRunner) open(j *queueJob) (why string, tampered bool) {
+	item := j.item
+	sig, err := kayle.ParseSignature(item.Signature)
+	if err != nil {
+		return "the stored signature is unreadable", true
+	}
+	body := []byte(item.JWE)
+	if _, err := sig.Verify(body, q.h.macKeys, time.Unix(sig.Unix, 0), q.h.tolerance); err != nil {
+		return "no configured signing_secret verifies the stored delivery (a secret removed since it was queued, or a record not written by the gateway)", false
+	}
+	plaintext, kid, err := q.h.keys.Decrypt(body)
+	switch {
+	case errors.Is(err, kayle.ErrUnknownKeyID):
+		return "its key " + kid + " is not configured: add its decryption_key", false
+	case err != nil:
+		return "the stored JWE does not decrypt", true
+	}
+	ev, err := kayle.ParseEvent(plaintext)
+	if err != nil {
+		return "the stored payload is invalid", true
+	}
+	if hashHex(ev.ID) != j.eventHash {
+		return "the stored delivery is another event's", true
+	}
+	j.plaintext, j.event, j.sigTimestamp = plaintext, ev, sig.Timestamp
+	return "", false
+}
+
+// cannotOpen keeps an event whose delivery cannot be opened: it waits the
+// longest wait and is looked at again (a key added meanwhile opens it), or,
+// tampered, it is dead at once. Never forwarded.
+func (q *queueRunner) cannotOpen(ctx context.Context, j *queueJob, why string, tampered bool) {
+	q.logger.Error("a queued event cannot be opened; it is not forwarded",
+		zap.String("event_id", j.item.EventID), zap.String("kid", j.item.KID), zap.String("why", why))
+	j.item.LastError = why
+	j.held.settle()
+	if j.held.lost.Load() {
+		return
+	}
+	if tampered {
+		q.bury(ctx, j, why)
+		return
+	}
+	q.reschedule(ctx, j, q.h.now().Add(q.maxBackoff))
+}
+
+// forwardJob forwards an opened event, then records what became of it:
+// delivered (the record, then the marker gone), or tried again later, or
+// dead past the horizon.
+func (q *queueRunner) forwardJob(ctx context.Context, j *queueJob) {
+	item := j.item
+	status, header := q.forwardOnce(j)
+	j.plaintext = nil
+	j.held.settle()
+	countQueueForward(q.d.prefix, status)
+	if j.held.lost.Load() {
+		q.logger.Error("another instance took over a queued event this one was forwarding (this one stalled); it may forward it too",
+			zap.String("event_id", item.EventID))
+		return
+	}
+	now := q.h.now()
+	if status >= 200 && status <= 299 {
+		q.succeeded()
+		q.d.remember(ctx, j.held, item.EventID, status)
+		q.deleteMarker(ctx, item.Marker)
+		q.logger.Info("queued event delivered", zap.String("event_id", item.EventID),
+			zap.Int("status", status), zap.Int("attempts", item.Attempts+1))
+		return
+	}
+	asked := retryAfter(status, header, now)
+	if isBackendFailure(status) {
+		wait := q.failed(status, asked)
+		q.logger.Warn("the backend failed a queued event; the queue backs off",
+			zap.String("event_id", item.EventID), zap.Int("status", status), zap.Duration("wait", wait))
+	} else {
+		q.succeeded()
+		q.logger.Warn("the backend refused a queued event; it is tried again later",
+			zap.String("event_id", item.EventID), zap.Int("status", status))
+	}
+	item.Attempts++
+	item.LastStatus, item.LastTryAt, item.LastError = status, now.UTC(), ""
+	if now.Sub(item.horizonStart()) >= q.horizon {
+		q.bury(ctx, j, "")
+		return
+	}
+	q.reschedule(ctx, j, now.Add(max(eventRetryWait(item.Attempts, q.maxBackoff), asked)))
+}
+
+// reschedule moves an event's marker to next and lets go of the event: the
+// new marker, then the record (released, so the next holder need not wait
+// for its silence), then the old marker goes.
+func (q *queueRunner) reschedule(ctx context.Context, j *queueJob, next time.Time) {
+	item := j.item
+	old := item.Marker
+	item.NextTry = next.UTC()
+	item.Marker = q.dueMarkerKey(j.eventHash, next, item.ReceivedAt, q.h.now())
+	q.moveMarker(ctx, j, old)
+}
+
+// bury makes an event dead: kept, listed, never tried again by itself.
+func (q *queueRunner) bury(ctx context.Context, j *queueJob, why string) {
+	item := j.item
+	old := item.Marker
+	item.Dead, item.NextTry = true, time.Time{}
+	if why != "" {
+		item.LastError = why
+	}
+	item.Marker = q.deadMarkerKey(j.eventHash)
+	q.logger.Warn("queued event is dead; it stays until an operator retries or drops it (caddy kayle queue)",
+		zap.String("event_id", item.EventID), zap.Int("attempts", item.Attempts), zap.Int("last_status", item.LastStatus),
+		zap.Duration("horizon", q.horizon))
+	q.moveMarker(ctx, j, old)
+}
+
+// moveMarker writes item's new marker and its record, then deletes old.
+// When a write fails the event keeps its old marker.
+func (q *queueRunner) moveMarker(ctx context.Context, j *queueJob, old string) {
+	item := j.item
+	fresh := item.Marker
+	if fresh != old {
+		if err := q.storeMarker(ctx, fresh); err != nil {
+			q.logger.Warn("writing a queue marker; the event keeps its old one", zap.String("event_id", item.EventID), zap.Error(err))
+			item.Marker = old
+		}
+	}
+	if err := j.held.writeMark(ctx, true); err != nil {
+		q.logger.Warn("updating a queued event's record; it is tried again as it was", zap.String("event_id", item.EventID), zap.Error(err))
+		if item.Marker != old {
+			q.deleteMarker(ctx, item.Marker)
+		}
+		return
+	}
+	if item.Marker != old {
+		q.deleteMarker(ctx, old)
+	}
+}
+
+// forwardOnce sends the opened event through the forward routes, as a
+// request built here, signed (forward_signature) as it leaves. It returns
+// the backend's status (502 when nothing answered) and headers.
+func (q *queueRunner) forwardOnce(j *queueJob) (status int, header http.Header) {
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	defer cancel()
+	w := &queueResponse{header: make(http.Header)}
+	r := q.newRequest(ctx, j, w)
+	start := time.Now()
+	defer func() { observeDuration(phaseForward, time.Since(start)) }()
+	err := q.serve(w, r)
+	if err == nil && w.status == 0 {
+		err = caddyhttp.Error(http.StatusBadGateway, errNothingAnswered)
+	}
+	if err != nil && w.status == 0 {
+		q.logger.Debug("forward failed", zap.String("event_id", j.item.EventID), zap.Error(err))
+	}
+	return forwardStatus(w.status, err), w.header
+}
+
+// serve runs the forward routes; a panic there (reverse_proxy aborts a
+// response whose body broke) ends the forward with what was answered.
+func (q *queueRunner) serve(w *queueResponse, r *http.Request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			if !errors.Is(asError(p), http.ErrAbortHandler) {
+				q.logger.Error("the queue's forward routes panicked", zap.Any("panic", p))
+			}
+			err = caddyhttp.Error(http.StatusBadGateway, errors.New("the forward was aborted"))
+		}
+	}()
+	return q.forward.ServeHTTP(w, r)
+}
+
+func asError(p any) error {
+	if err, ok := p.(error); ok {
+		return err
+	}
+	return nil
+}
+
+// newRequest builds the plaintext request the forward routes see: the one
+// the handler would have passed on, from the stored ids and the opened
+// delivery.
+func (q *queueRunner) newRequest(ctx context.Context, j *queueJob, w http.ResponseWriter) *http.Request {
+	item := j.item
+	u, err := url.ParseRequestURI(item.URI)
+	if err != nil {
+		u = &url.URL{Path: "/"}
+	}
+	r := (&http.Request{
+		Method:     http.MethodPost,
+		URL:        u,
+		Proto:      "HTTP/1.1",
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     make(http.Header),
+		Host:       item.Host,
+		RemoteAddr: item.RemoteAddr,
+		RequestURI: u.RequestURI(),
+	}).WithContext(ctx)
+	repl := caddy.NewReplacer()
+	r = caddyhttp.PrepareRequest(r, repl, w, q.server)
+	repl.Set("http.kayle.delivery_id", item.DeliveryID)
+	rewriteRequest(r, repl, j.plaintext, j.event, item.KID, item.DeliveryID, kayle.Signature{Timestamp: j.sigTimestamp})
+	if len(q.h.forwardKeys) > 0 {
+		standardwebhooks.Sign(r.Header, q.h.forwardKeys, j.event.ID, q.h.now(), j.plaintext)
+	}
+	return r
+}
+
+// queueResponse is where the backend's answer to a queued forward goes: its
+// status and headers are kept, its body dropped.
+type queueResponse struct {
+	header http.Header
+	status int
+}
+
+func (w *queueResponse) Header() http.Header { return w.header }
+
+func (w *queueResponse) WriteHeader(status int) {
+	if w.status == 0 && status >= 200 {
+		w.status = status
+	}
+}
+
+func (w *queueResponse) Write(b []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	return len(b), nil
+}
+
+func (w *queueResponse) Flush() {}
+
+// readPaused reads the pause flag that `caddy kayle queue pause` writes.
+func (q *queueRunner) readPaused() bool {
+	ctx, cancel := context.WithTimeout(q.ctx, storageTimeout)
+	defer cancel()
+	paused := q.d.storage.Exists(ctx, path.Join(q.dir, queuePausedKey))
+	q.mu.Lock()
+	changed := paused != q.paused
+	q.paused = paused
+	q.mu.Unlock()
+	if changed {
+		setQueuePaused(q.d.prefix, paused)
+		q.logger.Info("queue pause flag changed", zap.Bool("paused", paused))
+	}
+	return paused
+}
+
+// scan counts the queue for its metrics, and moves the cursor back to the
+// oldest bucket holding a marker: the one walk over every marker, every
+// queueStatsEvery.
+func (q *queueRunner) scan() {
+	ctx, cancel := context.WithTimeout(q.ctx, 2*storageTimeout)
+	defer cancel()
+	now := q.h.now()
+	keys, err := q.d.storage.List(ctx, path.Join(q.dir, queueDueFolder), true)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		q.logger.Warn("counting the queue", zap.Error(err))
+		q.mu.Lock()
+		if !q.started {
+			q.cursor, q.started = bucketOf(now.Add(-queueClockSkew)), true
+		}
+		q.mu.Unlock()
+		return
+	}
+	depth, oldest, first := 0, now, bucketOf(now.Add(-queueClockSkew))
+	for _, key := range keys {
+		m, ok := parseDueMarker(key)
+		if !ok {
+			continue
+		}
+		depth++
+		if m.received.Before(oldest) {
+			oldest = m.received
+		}
+		if bucket, ok := parseBucket(path.Base(path.Dir(key))); ok && bucket < first {
+			first = bucket
+		}
+	}
+	dead, _ := q.d.storage.List(ctx, path.Join(q.dir, queueDeadFolder), false)
+	q.mu.Lock()
+	if !q.started || first < q.cursor {
+		q.cursor = first
+	}
+	q.started = true
+	q.mu.Unlock()
+	setQueueStats(q.d.prefix, depth, now.Sub(oldest), len(dead))
+}
