@@ -6,13 +6,11 @@ import (
 	"fmt"
 	"math"
 	"net/http"
-	"path"
 	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 )
 
@@ -92,12 +90,10 @@ func (q *Queue) validate(dedupeDisabled bool) error {
 // and forwards what is due, from this instance, beside every other instance
 // sharing the storage.
 type queueRunner struct {
+	queueStore
 	h       *Handler
-	d       *deduper
-	dir     string // <dedupe_prefix>/queue
 	forward caddyhttp.Handler
 	server  *caddyhttp.Server
-	logger  *zap.Logger
 
 	horizon    time.Duration
 	maxBackoff time.Duration
@@ -127,11 +123,9 @@ func (h *Handler) provisionQueue(ctx caddy.Context) error {
 		return fmt.Errorf("queue forward (JSON queue.forward): %v", err)
 	}
 	q := &queueRunner{
+		queueStore: newQueueStore(h.dedupe, h.logger.Named("queue")),
 		h:          h,
-		d:          h.dedupe,
-		dir:        path.Join(h.dedupe.prefix, "queue"),
 		forward:    cfg.Forward.Compile(nothingAnswers{}),
-		logger:     h.logger.Named("queue"),
 		horizon:    time.Duration(cfg.Horizon),
 		maxBackoff: time.Duration(cfg.MaxBackoff),
 		pollEvery:  queuePollEvery,

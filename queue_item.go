@@ -84,19 +84,32 @@ type queueMarker struct {
 
 func bucketOf(t time.Time) int64 { return t.Unix() / 60 }
 
-func (q *queueRunner) bucketKey(bucket int64) string {
+// queueStore is a queue's storage: the events' records (through the
+// deduper, which locks them) and the markers under dir. The gateway's
+// queue and the queue commands share it.
+type queueStore struct {
+	d      *deduper
+	dir    string // <dedupe_prefix>/queue
+	logger *zap.Logger
+}
+
+func newQueueStore(d *deduper, logger *zap.Logger) queueStore {
+	return queueStore{d: d, dir: path.Join(d.prefix, "queue"), logger: logger}
+}
+
+func (q *queueStore) bucketKey(bucket int64) string {
 	return path.Join(q.dir, queueDueFolder, strconv.FormatInt(bucket, 10))
 }
 
 // dueMarkerKey names the marker of an event due at next. A marker is never
 // written into a bucket older than the writer's own minute, so the bucket
 // is next's or now's, whichever is later.
-func (q *queueRunner) dueMarkerKey(eventHash string, next, received, now time.Time) string {
+func (q *queueStore) dueMarkerKey(eventHash string, next, received, now time.Time) string {
 	bucket := max(bucketOf(next), bucketOf(now))
 	return path.Join(q.bucketKey(bucket), fmt.Sprintf("%013d-%013d-%s", next.UnixMilli(), received.UnixMilli(), eventHash))
 }
 
-func (q *queueRunner) deadMarkerKey(eventHash string) string {
+func (q *queueStore) deadMarkerKey(eventHash string) string {
 	return path.Join(q.dir, queueDeadFolder, eventHash)
 }
 
@@ -127,7 +140,7 @@ func (d *deduper) recordKeyOf(eventHash string) (recordKey, lockName string) {
 }
 
 // storeMarker writes an (empty) marker.
-func (q *queueRunner) storeMarker(ctx context.Context, key string) error {
+func (q *queueStore) storeMarker(ctx context.Context, key string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
 	defer cancel()
 	return q.d.store(ctx, key, []byte{'1'})
@@ -135,10 +148,36 @@ func (q *queueRunner) storeMarker(ctx context.Context, key string) error {
 
 // deleteMarker deletes a marker that no longer stands for a due event; one
 // left behind is found stale and deleted by the next poll that meets it.
-func (q *queueRunner) deleteMarker(ctx context.Context, key string) {
+func (q *queueStore) deleteMarker(ctx context.Context, key string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
 	defer cancel()
 	if err := q.d.storage.Delete(ctx, key); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		q.logger.Warn("deleting a queue marker; it is deleted when next met", zap.String("key", key), zap.Error(err))
 	}
+}
+
+// moveMarker writes item's new marker and, through held, its record
+// (released: the next holder need not wait for its silence), then deletes
+// the old marker. When the record's write fails the event keeps its old
+// marker, and the error is returned.
+func (q *queueStore) moveMarker(ctx context.Context, held *heldLock, item *queueItem, old string) error {
+	fresh := item.Marker
+	if fresh != old {
+		if err := q.storeMarker(ctx, fresh); err != nil {
+			q.logger.Warn("writing a queue marker; the event keeps its old one", zap.String("event_id", item.EventID), zap.Error(err))
+			item.Marker = old
+		}
+	}
+	if err := held.writeMark(ctx, true); err != nil {
+		q.logger.Warn("updating a queued event's record; it is tried again as it was", zap.String("event_id", item.EventID), zap.Error(err))
+		if item.Marker != old {
+			q.deleteMarker(ctx, item.Marker)
+			item.Marker = old
+		}
+		return err
+	}
+	if item.Marker != old {
+		q.deleteMarker(ctx, old)
+	}
+	return nil
 }

@@ -382,7 +382,7 @@ func (q *queueRunner) reschedule(ctx context.Context, j *queueJob, next time.Tim
 	old := item.Marker
 	item.NextTry = next.UTC()
 	item.Marker = q.dueMarkerKey(j.eventHash, next, item.ReceivedAt, q.h.now())
-	q.moveMarker(ctx, j, old)
+	_ = q.moveMarker(ctx, j.held, item, old) // logged; the event stays as it was
 }
 
 // bury makes an event dead: kept, listed, never tried again by itself.
@@ -397,30 +397,7 @@ func (q *queueRunner) bury(ctx context.Context, j *queueJob, why string) {
 	q.logger.Warn("queued event is dead; it stays until an operator retries or drops it (caddy kayle queue)",
 		zap.String("event_id", item.EventID), zap.Int("attempts", item.Attempts), zap.Int("last_status", item.LastStatus),
 		zap.Duration("horizon", q.horizon))
-	q.moveMarker(ctx, j, old)
-}
-
-// moveMarker writes item's new marker and its record, then deletes old.
-// When a write fails the event keeps its old marker.
-func (q *queueRunner) moveMarker(ctx context.Context, j *queueJob, old string) {
-	item := j.item
-	fresh := item.Marker
-	if fresh != old {
-		if err := q.storeMarker(ctx, fresh); err != nil {
-			q.logger.Warn("writing a queue marker; the event keeps its old one", zap.String("event_id", item.EventID), zap.Error(err))
-			item.Marker = old
-		}
-	}
-	if err := j.held.writeMark(ctx, true); err != nil {
-		q.logger.Warn("updating a queued event's record; it is tried again as it was", zap.String("event_id", item.EventID), zap.Error(err))
-		if item.Marker != old {
-			q.deleteMarker(ctx, item.Marker)
-		}
-		return
-	}
-	if item.Marker != old {
-		q.deleteMarker(ctx, old)
-	}
+	_ = q.moveMarker(ctx, j.held, item, old) // logged; the event stays as it was
 }
 
 // forwardOnce sends the opened event through the forward routes, as a
