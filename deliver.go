@@ -141,16 +141,26 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 // held's release.
 func (d *deduper) lockEvent(ctx context.Context, eventID string) (held *heldLock, rec *record, releaseClaim func(), o outcome, err error) {
 	_, recordKey, lockName := d.eventKeys(eventID)
-	releaseClaim, err = inProcessClaims.acquire(ctx, recordKey)
-	if err != nil {
-		o, err = clientGone(eventID, err)
-		return nil, nil, nil, o, err
+	releaseClaim, claimed := inProcessClaims.tryAcquire(recordKey)
+	if !claimed {
+		// Another copy is in hand here. A queued event's is its queue's
+		// forward, which may take long: the stored record answers at once.
+		if rec, err := d.loadRecord(ctx, recordKey); err == nil && rec.isQueued() {
+			return nil, rec, func() {}, "", nil
+		}
+		if releaseClaim, err = inProcessClaims.acquire(ctx, recordKey); err != nil {
+			o, err = clientGone(eventID, err)
+			return nil, nil, nil, o, err
+		}
 	}
 	// The wait does not end with Kayle's connection: a copy must be able to
 	// wait out a dead holder's silence and take the event over, even when
 	// Kayle hung up after a few seconds. It is bounded all the same.
 	waitCtx, cancelWait := context.WithTimeout(context.WithoutCancel(ctx), d.timing.waitLimit)
-	held, rec, err = d.acquire(waitCtx, lockName, recordKey, eventID)
+	// a queued event ends the wait too: it is in the queue's hands
+	held, rec, err = d.acquireUntil(waitCtx, lockName, recordKey, eventID, func(rec *record) bool {
+		return d.isDelivered(rec) || rec.isQueued()
+	})
 	cancelWait()
 	switch {
 	case errors.Is(err, errLockBusy) && ctx.Err() != nil:

@@ -128,6 +128,14 @@ type Handler struct {
 	rejectLogger *zap.Logger // logger, sampled: see setLogger
 	now          func() time.Time
 	exiting      func() bool
+	// timing replaces the lock and queue timing; tests shorten it
+	timing *handlerTiming
+}
+
+// handlerTiming is the timing a test gives a handler before provisioning.
+type handlerTiming struct {
+	lock                  lockTiming
+	queuePoll, queueStats time.Duration
 }
 
 // KeyFile names a private key file and the kid Kayle knows it by.

@@ -147,6 +147,12 @@ type heldLock struct {
 // promptly: the times written in leases come from other instances'
 // clocks, and a lease cannot be renewed while the storage stalls.
 func (d *deduper) acquire(ctx context.Context, name, leaseKey, what string) (*heldLock, *record, error) {
+	return d.acquireUntil(ctx, name, leaseKey, what, d.isDelivered)
+}
+
+// acquireUntil is acquire, whose wait ends at once on a record for which
+// ends holds (acquire's: a fresh delivered record).
+func (d *deduper) acquireUntil(ctx context.Context, name, leaseKey, what string, ends func(*record) bool) (*heldLock, *record, error) {
 	event := d.startLock(name)
 	var takeover *lockAttempt // for the lease in `seen`
 	var seen *record          // the lease found at the previous read
@@ -183,7 +189,7 @@ func (d *deduper) acquire(ctx context.Context, name, leaseKey, what string) (*he
 		if err != nil {
 			return nil, false, true, err
 		}
-		if d.isDelivered(rec) {
+		if ends(rec) {
 			return rec, true, true, nil
 		}
 		now := d.now()

@@ -191,6 +191,9 @@ func (h *Handler) provisionDedupe(ctx caddy.Context) error {
 		storage = ctx.Storage()
 	}
 	d := newDeduper(storage, prefix, window, h.logger, h.now)
+	if h.timing != nil {
+		d.timing = h.timing.lock
+	}
 	if err := probeExclusion(storage, storageIdentity(storage, storageRaw, prefix), h.logger); err != nil {
 		return fmt.Errorf("dedupe storage %s: %w; use a storage whose lock excludes (see the storage table in docs/clusters.md), or set dedupe off", storageName(storageRaw, storage), err)
 	}

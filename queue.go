@@ -144,6 +144,9 @@ func (h *Handler) provisionQueue(ctx caddy.Context) error {
 	if concurrency == 0 {
 		concurrency = defaultQueueConcurrency
 	}
+	if h.timing != nil {
+		q.pollEvery, q.statsEvery = h.timing.queuePoll, h.timing.queueStats
+	}
 	q.slots = make(chan struct{}, concurrency)
 	if cfg.Rate > 0 {
 		q.limiter = rate.NewLimiter(rate.Limit(cfg.Rate), 1)

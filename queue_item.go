@@ -133,6 +133,11 @@ func parseDueMarker(key string) (queueMarker, bool) {
 	return queueMarker{key: key, eventHash: parts[2], next: time.UnixMilli(next), received: time.UnixMilli(received)}, true
 }
 
+// sameMarker reports whether two keys name one marker. The names are
+// compared: a storage may list keys in another form than they were stored
+// in (a leading slash, say), and a name is unique to one marker write.
+func sameMarker(a, b string) bool { return path.Base(a) == path.Base(b) }
+
 // recordKeyOf is the record key of an event hash, as eventKeys makes it.
 func (d *deduper) recordKeyOf(eventHash string) (recordKey, lockName string) {
 	recordKey = path.Join(d.prefix, eventHash[:2], eventHash)

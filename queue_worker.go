@@ -75,18 +75,15 @@ func (q *queueRunner) waitTurn() (probe, ok bool) {
 		ok = true
 	}
 	q.mu.Unlock()
-	if ok && q.limiter != nil && q.limiter.Wait(q.ctx) != nil {
-		ok = false
-		if probe {
-			q.mu.Lock()
-			q.backoff.probing = false
-			q.mu.Unlock()
-		}
-	}
 	if !ok {
 		q.freeSlot()
+		return false, false
 	}
-	return probe, ok
+	if q.limiter != nil && q.limiter.Wait(q.ctx) != nil {
+		q.endTurn(probe)
+		return false, false
+	}
+	return probe, true
 }
 
 // startJob runs a first try, whose event's lock the caller holds.
@@ -108,14 +105,19 @@ func (q *queueRunner) endJob(j *queueJob) {
 		j.held.release()
 	}
 	j.releaseClaim()
-	q.mu.Lock()
-	if j.probe {
-		q.backoff.probing = false
-	}
-	q.mu.Unlock()
 	j.plaintext = nil
-	q.freeSlot()
+	q.endTurn(j.probe)
 	q.active.Done()
+}
+
+// endTurn gives back what waitTurn (or takeSlotNow) gave.
+func (q *queueRunner) endTurn(probe bool) {
+	if probe {
+		q.mu.Lock()
+		q.backoff.probing = false
+		q.mu.Unlock()
+	}
+	q.freeSlot()
 }
 
 // loop polls for due events until the queue stops.
@@ -204,15 +206,16 @@ func (q *queueRunner) listBucket(bucket int64) ([]queueMarker, error) {
 // dispatch starts the forward of a due marker's event, once a slot is free.
 // It returns false when this poll should stop.
 func (q *queueRunner) dispatch(m queueMarker) bool {
+	probe, ok := q.waitTurn()
+	if !ok {
+		return false
+	}
 	recordKey, lockName := q.d.recordKeyOf(m.eventHash)
 	releaseClaim, ok := inProcessClaims.tryAcquire(recordKey)
 	if !ok {
-		return true // in hand in this process (a first try, a copy)
-	}
-	probe, ok := q.waitTurn()
-	if !ok {
-		releaseClaim()
-		return false
+		// in hand in this process (a first try, a copy): the turn goes back
+		q.endTurn(probe)
+		return true
 	}
 	j := &queueJob{releaseClaim: releaseClaim, eventHash: m.eventHash, probe: probe}
 	q.active.Add(1)
@@ -238,13 +241,11 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 	case rec != nil && !rec.isQueued():
 		q.deleteMarker(ctx, m.key) // delivered: a marker left behind
 		return
-	case rec != nil && rec.Queue.Marker != m.key:
-		return // rescheduled, or being; decided under the lock when next met
 	case isLiveLease(rec) && d.now().Sub(rec.HeartbeatAt) < d.timing.staleAfter:
 		return // another holder is at it, by its own clock; if it died, its lease goes silent
 	}
 	// long enough to find a dead holder silent and take over
-	waitCtx, cancel := context.WithTimeout(ctx, d.timing.staleAfter+3*d.timing.pollEvery)
+	waitCtx, cancel := context.WithTimeout(ctx, d.timing.staleAfter+5*d.timing.pollEvery)
 	held, rec, err := d.acquire(waitCtx, lockName, recordKey, "queued event "+m.eventHash[:16])
 	cancel()
 	if errors.Is(err, errLockBusy) {
@@ -255,7 +256,7 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		return
 	}
 	j.held = held
-	if held == nil || !rec.isQueued() || rec.Queue.Marker != m.key {
+	if held == nil || !rec.isQueued() || !sameMarker(rec.Queue.Marker, m.key) {
 		// delivered, never written (an enqueue that failed), or moved: the
 		// marker stands for nothing
 		q.deleteMarker(ctx, m.key)
@@ -296,7 +297,9 @@ func (q *queueRunner) open(j *queueJob) (why string, tampered bool) {
 	if _, err := sig.Verify(body, q.h.macKeys, time.Unix(sig.Unix, 0), q.h.tolerance); err != nil {
 		return "no configured signing_secret verifies the stored delivery (a secret removed since it was queued, or a record not written by the gateway)", false
 	}
+	start := time.Now()
 	plaintext, kid, err := q.h.keys.Decrypt(body)
+	observePhase(phaseDecrypt, start)
 	switch {
 	case errors.Is(err, kayle.ErrUnknownKeyID):
 		return "its key " + kid + " is not configured: add its decryption_key", false
