@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 )
 
 func init() { caddy.RegisterModule(testForward{}) }
@@ -85,6 +88,11 @@ func newQueueTestAt(t *testing.T, root string, backend *testBackend, configure .
 			f(h)
 		}
 	})
+	t.Cleanup(func() {
+		// stop the queue and let its forwards end before the storage goes
+		_ = h.Cleanup()
+		h.queue.active.Wait()
+	})
 	return &queueTest{h: h, backend: backend, root: root}
 }
 
@@ -144,6 +152,25 @@ func callsFor(b *testBackend, eventID string) int {
 		if r.Header.Get("X-Kayle-Event-Id") == eventID {
 			n++
 		}
+	}
+	return n
+}
+
+// gaugeValue reads a gauge.
+func gaugeValue(t *testing.T, g prometheus.Gauge) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := g.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetGauge().GetValue()
+}
+
+func mustAtoi(t *testing.T, s string) int64 {
+	t.Helper()
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		t.Fatalf("%q is not a number", s)
 	}
 	return n
 }

@@ -69,8 +69,9 @@ func (q *queueRunner) waitTurn() (probe, ok bool) {
 		ok = false
 	case q.backoff.backingOff():
 		ok = !q.backoff.probing && !q.h.now().Before(q.backoff.until)
-		probe = ok
-		q.backoff.probing = ok
+		if ok {
+			probe, q.backoff.probing = true, true
+		}
 	default:
 		ok = true
 	}
