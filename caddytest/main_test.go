@@ -127,6 +127,36 @@ type gateway struct {
 	kayleExtra  string // more kayle_webhook options
 	material    string // signing_secret and decryption_key lines; default: the demo's
 	proxyExtra  string // reverse_proxy subdirectives
+
+	// queue mode, when set; the site then needs no reverse_proxy (an
+	// empty backend writes none)
+	queue *queueBlock
+}
+
+// queueBlock is a kayle_webhook queue block: the queue forwards through
+// reverse_proxy to backend.
+type queueBlock struct {
+	backend     string // host:port
+	proxyExtra  string // the forward reverse_proxy's subdirectives
+	horizon     string // Caddy durations; empty: the default
+	maxBackoff  string
+	concurrency int // 0: the default
+}
+
+func (q *queueBlock) write(b *strings.Builder) {
+	fmt.Fprintf(b, "\t\tqueue {\n\t\t\tforward {\n\t\t\t\treverse_proxy %s {\n", q.backend)
+	b.WriteString(q.proxyExtra)
+	b.WriteString("\t\t\t\t}\n\t\t\t}\n")
+	if q.horizon != "" {
+		fmt.Fprintf(b, "\t\t\thorizon %s\n", q.horizon)
+	}
+	if q.maxBackoff != "" {
+		fmt.Fprintf(b, "\t\t\tmax_backoff %s\n", q.maxBackoff)
+	}
+	if q.concurrency != 0 {
+		fmt.Fprintf(b, "\t\t\tconcurrency %d\n", q.concurrency)
+	}
+	b.WriteString("\t\t}\n")
 }
 
 func (g gateway) caddyfile() string {
@@ -142,9 +172,16 @@ func (g gateway) caddyfile() string {
 		fmt.Fprintf(&b, "\t\tsigning_secret %q\n\t\tdecryption_key %s %q\n", "{file."+demo.SecretPath+"}", demoKID, demo.KeyPath)
 	}
 	b.WriteString(g.kayleExtra)
-	fmt.Fprintf(&b, "\t}\n\treverse_proxy %s {\n", g.backend)
-	b.WriteString(g.proxyExtra)
-	b.WriteString("\t}\n}\n")
+	if g.queue != nil {
+		g.queue.write(&b)
+	}
+	b.WriteString("\t}\n")
+	if g.backend != "" {
+		fmt.Fprintf(&b, "\treverse_proxy %s {\n", g.backend)
+		b.WriteString(g.proxyExtra)
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
 	return b.String()
 }
 
