@@ -41,6 +41,9 @@ const (
 	leaseBeatEvery = 3 * time.Second
 	// lockPollEvery is how often a waiter looks at the holder's lease.
 	lockPollEvery = time.Second
+	// firstLookAfter is when a waiter whose Lock has not returned first
+	// reads the record.
+	firstLookAfter = 50 * time.Millisecond
 	// lockWaitLimit bounds a copy's wait for an event's lock; then it
 	// answers 503 and Kayle retries later.
 	lockWaitLimit = 30 * time.Second
@@ -157,7 +160,9 @@ func (d *deduper) acquireUntil(ctx context.Context, name, leaseKey, what string,
 	var takeover *lockAttempt // for the lease in `seen`
 	var seen *record          // the lease found at the previous read
 	quietSince := d.now()
-	poll := time.NewTimer(d.timing.pollEvery)
+	// the first look comes soon: a copy of an event delivered or queued
+	// while another copy holds the lock is answered without waiting a poll
+	poll := time.NewTimer(min(d.timing.pollEvery, firstLookAfter))
 	defer poll.Stop()
 	endAll := func() {
 		event.end()

@@ -225,7 +225,10 @@ func TestQueueNeverForwardsATamperedRecord(t *testing.T) {
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
 	first.deliver(t, "evt_victim")
-	eventually(t, "the first try failed", func() bool { rec, _ := first.record(t, "evt_victim"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	eventually(t, "the first try failed", func() bool {
+		rec, _ := first.record(t, "evt_victim")
+		return rec.Queue != nil && rec.Queue.Attempts > 0
+	})
 	_ = first.h.Cleanup() // its queue stops
 
 	// Someone with write access to the storage, without the signing secret,
@@ -330,7 +333,10 @@ func TestQueueTakesOverAnEventWhoseHolderDied(t *testing.T) {
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
 	first.deliver(t, "evt_orphan")
-	eventually(t, "the first try failed", func() bool { rec, _ := first.record(t, "evt_orphan"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	eventually(t, "the first try failed", func() bool {
+		rec, _ := first.record(t, "evt_orphan")
+		return rec.Queue != nil && rec.Queue.Attempts > 0
+	})
 	_ = first.h.Cleanup()
 	// as an instance that died mid-forward leaves it: a live lease, never renewed
 	_, recordKey, _ := first.h.dedupe.eventKeys("evt_orphan")
