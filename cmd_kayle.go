@@ -24,7 +24,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "kayle",
-		Usage: "send|keygen|jwk|forget|sweep|inspect [flags]",
+		Usage: "send|keygen|jwk|forget|sweep|inspect|queue [flags]",
 		Short: "Tools for the kayle_webhook handler",
 		Long: `
 Tools for running a kayle_webhook gateway:
@@ -35,11 +35,12 @@ Tools for running a kayle_webhook gateway:
     forget    delete events' dedupe records, so a replay is forwarded again
     sweep     delete the dedupe records older than dedupe_window, now
     inspect   explain a captured delivery against a config's secrets and keys
+    queue     list, retry or drop queued events; pause or resume the queue
 
 Run "caddy kayle <command> --help" for each one's flags.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(newSendCommand(), newKeygenCommand(), newJWKCommand(), newForgetCommand(), newSweepCommand(), newInspectCommand())
+			cmd.AddCommand(newSendCommand(), newKeygenCommand(), newJWKCommand(), newForgetCommand(), newSweepCommand(), newInspectCommand(), newQueueCommand())
 		},
 	})
 }

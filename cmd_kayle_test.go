@@ -71,7 +71,7 @@ func TestKayleCommandHelpMatchesFlags(t *testing.T) {
 		})
 	}
 	slices.Sort(names)
-	if want := []string{"forget", "inspect", "jwk", "keygen", "send", "sweep"}; !slices.Equal(names, want) {
+	if want := []string{"forget", "inspect", "jwk", "keygen", "queue", "send", "sweep"}; !slices.Equal(names, want) {
 		t.Errorf("subcommands %v, want %v", names, want)
 	}
 

@@ -33,6 +33,9 @@ type record struct {
 	// Queue: the event is queued (or dead) and not yet delivered; the
 	// delivery as it arrived, still encrypted (queue_item.go).
 	Queue *queueItem `json:"queue,omitempty"`
+	// Dropped: an operator dropped the queued event (caddy kayle queue
+	// drop); DeliveredAt is when, so a later copy is still a duplicate.
+	Dropped bool `json:"dropped,omitempty"`
 }
 
 // eventKeys derives the record key and lock name from a hash of the event id,
