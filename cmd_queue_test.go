@@ -44,7 +44,7 @@ func queueConfig(t *testing.T, root, keys string) string {
 }
 
 // runQueueCmd runs caddy kayle queue with the gateway's clock.
-func (qt *queueTest) runQueueCmd(config string, args ...string) (out, notes string, err error) {
+func (qt *adminQueue) runQueueCmd(config string, args ...string) (out, notes string, err error) {
 	o := queueOptions{Config: config, now: qt.clock.Now}
 	for _, a := range args {
 		switch {
@@ -75,7 +75,7 @@ func lineOf(out, eventID string) string {
 // list shows (and never shows), retry, drop, pause and resume.
 func TestQueueCommand(t *testing.T) {
 	root := t.TempDir()
-	qt := newQueueTest(t, &certmagic.FileStorage{Path: root})
+	qt := newAdminQueue(t, &certmagic.FileStorage{Path: root})
 	const a, b, c = "evt_qc_dead", "evt_qc_untried", "evt_qc_queued"
 	qt.makeDeadAndQueued(t, a, b, c)
 	config := queueConfig(t, root, "")
@@ -193,7 +193,7 @@ func TestQueueCommand(t *testing.T) {
 
 // assertShowsNoDelivery checks that out holds nothing of eventID's stored
 // delivery: no segment of its JWE, nothing of its signature, no claim.
-func assertShowsNoDelivery(t *testing.T, qt *queueTest, out, eventID string) {
+func assertShowsNoDelivery(t *testing.T, qt *adminQueue, out, eventID string) {
 	t.Helper()
 	rec := qt.record(t, eventID)
 	if !rec.isQueued() {
@@ -221,7 +221,7 @@ func assertShowsNoDelivery(t *testing.T, qt *queueTest, out, eventID string) {
 // that cannot be read is said once, and the listing goes on.
 func TestQueueCommandNamesMissingKeys(t *testing.T) {
 	root := t.TempDir()
-	qt := newQueueTest(t, &certmagic.FileStorage{Path: root})
+	qt := newAdminQueue(t, &certmagic.FileStorage{Path: root})
 	qt.enqueue(t, "evt_qk_1", "verification.session.succeeded")
 	qt.enqueue(t, "evt_qk_2", "verification.session.succeeded")
 	waitUntil(t, "the first try", func() bool {
@@ -230,7 +230,7 @@ func TestQueueCommandNamesMissingKeys(t *testing.T) {
 	})
 	// another instance, whose config lacks the key, takes the second event
 	// (the first instance is backing off) and cannot open it
-	other := newQueueTestOn(t, qt.storage.Storage, qt.clock, func(h *Handler) { h.DecryptionKeys = []KeyFile{{KeyID: "other", File: demoKeyFile}} })
+	other := newAdminQueueOn(t, qt.storage.Storage, qt.clock, func(h *Handler) { h.DecryptionKeys = []KeyFile{{KeyID: "other", File: demoKeyFile}} })
 	waitUntil(t, "the other instance to try the second event", func() bool { return qt.item(t, "evt_qk_2").LastError != "" })
 	if n := other.backend.Calls(); n != 0 {
 		t.Fatalf("an event that cannot be opened was forwarded %d times", n)

@@ -19,11 +19,11 @@ import (
 	"go.uber.org/zap"
 )
 
-// queueTest is a gateway in queue mode on a storage, the way Provision sets
+// adminQueue is a gateway in queue mode on a storage, the way Provision sets
 // one up (the handler's checks, enqueue, the running queue) but with a test
 // clock, short polls, and a backend the test answers for; and beside it an
 // operator's view of the same storage, as caddy kayle queue makes it.
-type queueTest struct {
+type adminQueue struct {
 	h       *Handler
 	q       *queueRunner
 	admin   *queueStore
@@ -46,17 +46,17 @@ func (c *countingExists) Exists(ctx context.Context, key string) bool {
 	return c.Storage.Exists(ctx, key)
 }
 
-func newQueueTest(t *testing.T, storage certmagic.Storage) *queueTest {
+func newAdminQueue(t *testing.T, storage certmagic.Storage) *adminQueue {
 	t.Helper()
-	return newQueueTestOn(t, storage, newTestClock(testEpoch))
+	return newAdminQueueOn(t, storage, newTestClock(testEpoch))
 }
 
-// newQueueTestOn is newQueueTest on a given clock; each configure func may
+// newAdminQueueOn is newAdminQueue on a given clock; each configure func may
 // change the handler before it is provisioned. Two of them on one storage
 // and clock are two instances of a cluster.
-func newQueueTestOn(t *testing.T, storage certmagic.Storage, clock *testClock, configure ...func(*Handler)) *queueTest {
+func newAdminQueueOn(t *testing.T, storage certmagic.Storage, clock *testClock, configure ...func(*Handler)) *adminQueue {
 	t.Helper()
-	qt := &queueTest{clock: clock, storage: &countingExists{Storage: storage}, next: &testBackend{}}
+	qt := &adminQueue{clock: clock, storage: &countingExists{Storage: storage}, next: &testBackend{}}
 	qt.status.Store(http.StatusServiceUnavailable)
 	qt.backend = &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
 		w.WriteHeader(int(qt.status.Load()))
@@ -93,7 +93,7 @@ func newQueueTestOn(t *testing.T, storage certmagic.Storage, clock *testClock, c
 
 // newOperatorDeduper is a deduper of its own on the gateway's storage, as
 // the command makes one, on the gateway's clock.
-func (qt *queueTest) newOperatorDeduper() *deduper {
+func (qt *adminQueue) newOperatorDeduper() *deduper {
 	d := newDeduper(qt.storage.Storage, testPrefix, defaultDedupeWindow, zap.NewNop(), qt.clock.Now)
 	d.timing = fastLockTiming
 	return d
@@ -119,13 +119,13 @@ func queuePayload(t *testing.T, eventID, typ string) []byte {
 }
 
 // deliver sends one signed copy of an event, as Kayle does, now.
-func (qt *queueTest) deliver(t *testing.T, eventID, typ string) served {
+func (qt *adminQueue) deliver(t *testing.T, eventID, typ string) served {
 	t.Helper()
 	return serve(qt.h, makeDelivery(t, queuePayload(t, eventID, typ), qt.clock.Now()), qt.next)
 }
 
 // enqueue delivers a new event and checks it was queued.
-func (qt *queueTest) enqueue(t *testing.T, eventID, typ string) {
+func (qt *adminQueue) enqueue(t *testing.T, eventID, typ string) {
 	t.Helper()
 	res := qt.deliver(t, eventID, typ)
 	if res.Status != http.StatusAccepted || res.Rec.Header().Get(kayle.HeaderQueued) != "true" {
@@ -135,7 +135,7 @@ func (qt *queueTest) enqueue(t *testing.T, eventID, typ string) {
 
 // record is the event's record as stored. (A queued record holds the
 // event id, so loadRecord's check that none does is not made.)
-func (qt *queueTest) record(t *testing.T, eventID string) record {
+func (qt *adminQueue) record(t *testing.T, eventID string) record {
 	t.Helper()
 	_, key, _ := qt.admin.d.eventKeys(eventID)
 	data, err := qt.storage.Load(context.Background(), key)
@@ -151,7 +151,7 @@ func (qt *queueTest) record(t *testing.T, eventID string) record {
 
 // item is the event's record's queue item as stored; nil when the record is
 // not a queued one.
-func (qt *queueTest) item(t *testing.T, eventID string) *queueItem {
+func (qt *adminQueue) item(t *testing.T, eventID string) *queueItem {
 	t.Helper()
 	rec := qt.record(t, eventID)
 	if !rec.isQueued() {
@@ -161,7 +161,7 @@ func (qt *queueTest) item(t *testing.T, eventID string) *queueItem {
 }
 
 // backendGot counts the requests the backend got for eventID from the i-th on.
-func (qt *queueTest) backendGot(eventID string, from int) int {
+func (qt *adminQueue) backendGot(eventID string, from int) int {
 	n := 0
 	for i := from; i < qt.backend.Calls(); i++ {
 		if strings.Contains(string(qt.backend.Request(i).Body), `"`+eventID+`"`) {
@@ -171,7 +171,7 @@ func (qt *queueTest) backendGot(eventID string, from int) int {
 	return n
 }
 
-func (qt *queueTest) paused() bool {
+func (qt *adminQueue) paused() bool {
 	qt.q.mu.Lock()
 	defer qt.q.mu.Unlock()
 	return qt.q.paused
@@ -193,7 +193,7 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // one, the way a failing backend does: dead, its first try failed (503);
 // deadUntried, never tried (the queue was backing off); both past the
 // horizon; queued, received after, its first try failed.
-func (qt *queueTest) makeDeadAndQueued(t *testing.T, dead, deadUntried, queued string) {
+func (qt *adminQueue) makeDeadAndQueued(t *testing.T, dead, deadUntried, queued string) {
 	t.Helper()
 	qt.enqueue(t, dead, "verification.session.succeeded")
 	waitUntil(t, "the first try of "+dead, func() bool {
@@ -244,7 +244,7 @@ func TestQueueAdminListRetryDrop(t *testing.T) {
 	for _, sc := range storageCases {
 		t.Run(sc.name, func(t *testing.T) {
 			ctx := context.Background()
-			qt := newQueueTest(t, sc.new(t))
+			qt := newAdminQueue(t, sc.new(t))
 			const a, b, c = "evt_qa_dead", "evt_qa_untried", "evt_qa_queued"
 			qt.makeDeadAndQueued(t, a, b, c)
 			start := testEpoch
@@ -380,7 +380,7 @@ func TestQueueAdminListRetryDrop(t *testing.T) {
 // retry --dead revives every dead event, and only those.
 func TestQueueAdminRetryDead(t *testing.T) {
 	ctx := context.Background()
-	qt := newQueueTest(t, newMemStorage())
+	qt := newAdminQueue(t, newMemStorage())
 	const a, b, c = "evt_qd_dead", "evt_qd_untried", "evt_qd_queued"
 	qt.makeDeadAndQueued(t, a, b, c)
 	// a dead marker left behind by a failed delete: c's record names its
@@ -438,7 +438,7 @@ func TestQueueAdminRetryDead(t *testing.T) {
 // finds it delivered: it never makes a delivered event due again.
 func TestQueueAdminRetryWaitsForAForward(t *testing.T) {
 	ctx := context.Background()
-	qt := newQueueTest(t, newMemStorage())
+	qt := newAdminQueue(t, newMemStorage())
 	inBackend, release := make(chan struct{}), make(chan struct{})
 	qt.backend.Respond = func(_ int, w http.ResponseWriter, _ *http.Request) error {
 		close(inBackend)
@@ -477,7 +477,7 @@ func TestQueuePauseStopsForwards(t *testing.T) {
 	for _, sc := range storageCases {
 		t.Run(sc.name, func(t *testing.T) {
 			ctx := context.Background()
-			qt := newQueueTest(t, sc.new(t))
+			qt := newAdminQueue(t, sc.new(t))
 			qt.status.Store(http.StatusOK)
 			if changed, err := qt.admin.setPaused(ctx, true, "paused by the test"); !changed || err != nil {
 				t.Fatalf("pause: %v, %v", changed, err)
