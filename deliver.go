@@ -29,7 +29,10 @@ func (h *Handler) deliver(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return res
 	}
 	if h.queue != nil {
-		return h.queue.enqueue(r, res, in)
+		start := time.Now()
+		res = h.queue.enqueue(r, res, in)
+		observePhase(phaseDedupeStorage, start)
+		return res
 	}
 	plaintext := in.plaintext
 	stage := &forwardStage{next: next, h: h, eventID: res.event.ID, body: plaintext}
@@ -177,8 +180,9 @@ func (d *deduper) lockEvent(ctx context.Context, eventID string) (held *heldLock
 	return held, rec, releaseClaim, "", nil
 }
 
-// remember writes the record of an event the backend accepted.
-func (d *deduper) remember(ctx context.Context, held *heldLock, eventID string, status int) {
+// remember writes the record of an event the backend accepted, and
+// reports whether it was written.
+func (d *deduper) remember(ctx context.Context, held *heldLock, eventID string, status int) bool {
 	rec := held.lease
 	rec.Holder = held.token
 	if err := d.commit(ctx, held.leaseKey, rec, status); err != nil {
@@ -186,7 +190,9 @@ func (d *deduper) remember(ctx context.Context, held *heldLock, eventID string, 
 		d.logger.Error("event delivered but its dedupe record could not be written; a retry of it would be forwarded again",
 			zap.String("event_id", eventID), zap.Error(err))
 		countRecordWriteFailure()
+		return false
 	}
+	return true
 }
 
 // clientGone ends a copy whose sender hung up while another copy of the

@@ -18,7 +18,7 @@ var (
 		Namespace: "caddy",
 		Subsystem: "kayle_webhook",
 		Name:      "requests_total",
-		Help:      "Deliveries handled, by outcome (forwarded, duplicate, ignored, rejected_<reason>, unknown_kid, storage_unavailable, lock_busy, client_gone).",
+		Help:      "Deliveries handled, by outcome (forwarded, queued, duplicate, ignored, rejected_<reason>, unknown_kid, storage_unavailable, lock_busy, client_gone).",
 	}, []string{"outcome"})
 	recordWriteFailuresTotal = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "caddy",

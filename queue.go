@@ -36,6 +36,11 @@ const (
 	// queueStopWait is how long a stopping Caddy waits for the forwards in
 	// flight to end; one cut short is taken over after the restart.
 	queueStopWait = 5 * time.Second
+	// queueQuietRecheck is how often a past bucket found empty is listed
+	// again while it is within the clock skew.
+	queueQuietRecheck = 10 * time.Second
+	// emptyBucketAge is how old an empty bucket folder must be to go.
+	emptyBucketAge = time.Hour
 )
 
 // Queue turns on queue mode: a delivery that verifies, decrypts and names
@@ -102,12 +107,13 @@ type queueRunner struct {
 
 	pollEvery, statsEvery time.Duration // tests shorten them
 
-	mu       sync.Mutex
-	inFlight map[string]bool // event hashes being forwarded here
-	backoff  queueBackoff
-	paused   bool
-	cursor   int64 // the oldest due bucket that may hold a marker
-	started  bool  // the cursor was set by a first scan
+	mu      sync.Mutex
+	backoff queueBackoff
+	paused  bool
+	cursor  int64 // the oldest due bucket that may hold a marker
+	// quiet: when each past bucket was last found empty (the poll loop's)
+	quiet   map[int64]time.Time
+	started bool // the cursor was set by a first scan
 
 	wake   chan struct{}
 	ctx    context.Context
@@ -130,8 +136,8 @@ func (h *Handler) provisionQueue(ctx caddy.Context) error {
 		maxBackoff: time.Duration(cfg.MaxBackoff),
 		pollEvery:  queuePollEvery,
 		statsEvery: queueStatsEvery,
-		inFlight:   make(map[string]bool),
 		wake:       make(chan struct{}, 1),
+		quiet:      make(map[int64]time.Time),
 		done:       make(chan struct{}),
 	}
 	if q.horizon == 0 {

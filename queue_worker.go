@@ -159,10 +159,21 @@ func (q *queueRunner) poll() {
 	now := q.h.now()
 	skewed := bucketOf(now.Add(-queueClockSkew))
 	for bucket := from; bucket <= bucketOf(now); bucket++ {
+		// A past bucket within the clock skew gets a marker only from a
+		// writer whose clock is behind: one found empty is looked at again
+		// every queueQuietRecheck, not every poll.
+		if bucket >= skewed && bucket < bucketOf(now)-1 && now.Sub(q.quiet[bucket]) < queueQuietRecheck {
+			continue
+		}
 		markers, err := q.listBucket(bucket)
 		if err != nil {
 			q.logger.Warn("listing due queue markers", zap.Int64("bucket", bucket), zap.Error(err))
 			return
+		}
+		if len(markers) == 0 {
+			q.quiet[bucket] = now
+		} else {
+			delete(q.quiet, bucket)
 		}
 		if len(markers) == 0 && bucket < skewed {
 			q.mu.Lock()
@@ -170,6 +181,7 @@ func (q *queueRunner) poll() {
 				q.cursor = bucket + 1
 			}
 			q.mu.Unlock()
+			delete(q.quiet, bucket)
 			continue
 		}
 		for _, m := range markers {
@@ -257,6 +269,9 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		return
 	}
 	j.held = held
+	if held != nil && rec == nil && !q.orphaned(ctx, m, recordKey) {
+		return
+	}
 	if held == nil || !rec.isQueued() || !sameMarker(rec.Queue.Marker, m.key) {
 		// delivered, never written (an enqueue that failed), or moved: the
 		// marker stands for nothing
@@ -267,7 +282,7 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 	held.lease = *rec
 	held.lease.EventSHA256 = m.eventHash
 	now := d.now()
-	if now.Sub(j.item.horizonStart()) > q.horizon {
+	if q.pastHorizon(j.item, now) {
 		q.bury(ctx, j, "")
 		return
 	}
@@ -282,6 +297,29 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		return
 	}
 	q.forwardJob(ctx, j)
+}
+
+// orphanAfter is how old a marker whose event has no record must be before
+// it is deleted.
+const orphanAfter = time.Hour
+
+// orphaned reports whether a marker whose record read as missing (under the
+// event's lock) is one an enqueue that failed left: an hour old, and the
+// record missing to a second look. Some storage modules read a failing
+// Load as "not found" (pberkel/caddy-storage-redis); a queued event whose
+// marker went on such a read would never be found again.
+func (q *queueRunner) orphaned(ctx context.Context, m queueMarker, recordKey string) bool {
+	if q.h.now().Sub(m.received) < orphanAfter {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, storageTimeout)
+	defer cancel()
+	return !q.d.storage.Exists(ctx, recordKey)
+}
+
+// pastHorizon reports whether item's horizon has passed at now.
+func (q *queueRunner) pastHorizon(item *queueItem, now time.Time) bool {
+	return now.Sub(item.horizonStart()) >= q.horizon
 }
 
 // open verifies and decrypts a stored delivery, as check does an incoming
@@ -324,11 +362,11 @@ func (q *queueRunner) open(j *queueJob) (why string, tampered bool) {
 func (q *queueRunner) cannotOpen(ctx context.Context, j *queueJob, why string, tampered bool) {
 	q.logger.Error("a queued event cannot be opened; it is not forwarded",
 		zap.String("event_id", j.item.EventID), zap.String("kid", j.item.KID), zap.String("why", why))
-	j.item.LastError = why
-	j.held.settle()
+	j.held.settle() // the heartbeat writes the item: change it only after
 	if j.held.lost.Load() {
 		return
 	}
+	j.item.LastError = why
 	if tampered {
 		q.bury(ctx, j, why)
 		return
@@ -353,7 +391,11 @@ func (q *queueRunner) forwardJob(ctx context.Context, j *queueJob) {
 	now := q.h.now()
 	if status >= 200 && status <= 299 {
 		q.succeeded()
-		q.d.remember(ctx, j.held, item.EventID, status)
+		if !q.d.remember(ctx, j.held, item.EventID, status) {
+			// still queued: the marker stays, and once this holder's lease
+			// is silent the event is forwarded again (at least once)
+			return
+		}
 		q.deleteMarker(ctx, item.Marker)
 		q.logger.Info("queued event delivered", zap.String("event_id", item.EventID),
 			zap.Int("status", status), zap.Int("attempts", item.Attempts+1))
@@ -371,7 +413,7 @@ func (q *queueRunner) forwardJob(ctx context.Context, j *queueJob) {
 	}
 	item.Attempts++
 	item.LastStatus, item.LastTryAt, item.LastError = status, now.UTC(), ""
-	if now.Sub(item.horizonStart()) >= q.horizon {
+	if q.pastHorizon(item, now) {
 		q.bury(ctx, j, "")
 		return
 	}
@@ -544,6 +586,7 @@ func (q *queueRunner) scan() {
 			first = bucket
 		}
 	}
+	q.dropEmptyBuckets(ctx, keys, now)
 	dead, _ := q.d.storage.List(ctx, path.Join(q.dir, queueDeadFolder), false)
 	q.mu.Lock()
 	if !q.started || first < q.cursor {
@@ -552,4 +595,28 @@ func (q *queueRunner) scan() {
 	q.started = true
 	q.mu.Unlock()
 	setQueueStats(q.d.prefix, depth, now.Sub(oldest), len(dead))
+}
+
+// dropEmptyBuckets deletes the bucket folders, listed among keys, that are
+// empty and an hour old: file_system keeps a folder after its last marker
+// goes, and the minute's walk would meet ever more of them. No writer
+// writes into a bucket that old (see queueClockSkew).
+func (q *queueRunner) dropEmptyBuckets(ctx context.Context, keys []string, now time.Time) {
+	due := path.Join(q.dir, queueDueFolder)
+	used := make(map[string]bool)
+	for _, key := range keys {
+		if _, ok := parseDueMarker(key); ok {
+			used[path.Dir(key)] = true
+		}
+	}
+	old := bucketOf(now.Add(-emptyBucketAge))
+	for _, key := range keys {
+		bucket, ok := parseBucket(path.Base(key))
+		if !ok || path.Dir(key) != due || used[key] || bucket >= old {
+			continue
+		}
+		if err := q.d.storage.Delete(ctx, key); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			q.logger.Debug("deleting an empty queue bucket", zap.String("key", key), zap.Error(err))
+		}
+	}
 }

@@ -376,3 +376,70 @@ func TestSweepKeepsQueuedEvents(t *testing.T) {
 		t.Error("the sweep deleted a queued event's record")
 	}
 }
+
+func TestForgetRefusesAQueuedEvent(t *testing.T) {
+	backend := newSwitchableBackend(http.StatusServiceUnavailable)
+	qt := newQueueTest(t, &backend.testBackend)
+	qt.deliver(t, "evt_forget")
+	eventually(t, "a try failed", func() bool { rec, _ := qt.record(t, "evt_forget"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := qt.h.dedupe.forget(ctx, "evt_forget"); err == nil || !strings.Contains(err.Error(), "queue drop") {
+		t.Fatalf("forget of a queued event: %v, want a refusal pointing at queue drop", err)
+	}
+	if rec, ok := qt.record(t, "evt_forget"); !ok || !rec.isQueued() {
+		t.Error("forget took the event out of the queue")
+	}
+}
+
+func TestQueueDeliveredButUnrecordedIsForwardedAgain(t *testing.T) {
+	release := make(chan struct{})
+	backend := &testBackend{Respond: func(call int, w http.ResponseWriter, _ *http.Request) error {
+		if call == 0 {
+			<-release
+		}
+		_, err := w.Write([]byte("ok"))
+		return err
+	}}
+	h := newTestHandler(t, func(h *Handler) {
+		h.StorageRaw = json.RawMessage(`{"module":"kayle_test_locks","behaviour":"queue_commit_fails"}`)
+		h.Queue = &Queue{Forward: forwardTo(t, backend), MaxBackoff: caddy.Duration(200 * time.Millisecond)}
+		timing := queueTestTiming
+		h.timing = &timing
+	})
+	st, _ := testStorages.Load("queue_commit_fails")
+	mem := st.(*memStorage)
+	if res := serve(h, makeDelivery(t, eventPayload("evt_unrecorded"), time.Now()), &testBackend{}); res.Status != http.StatusAccepted {
+		t.Fatalf("%d", res.Status)
+	}
+	eventually(t, "the first try is at the backend", func() bool { return backend.Calls() == 1 })
+	_, recordKey, _ := h.dedupe.eventKeys("evt_unrecorded")
+	mem.failOnly("Store", recordKey, errInjected)
+	close(release)
+	time.Sleep(300 * time.Millisecond) // the 200 came, the record write failed
+	mem.mu.Lock()
+	mem.hook = nil
+	mem.mu.Unlock()
+	mem.fail("Store", nil)
+	// the event is still queued: forwarded again once the lease is silent
+	eventually(t, "forwarded again and recorded", func() bool { return backend.Calls() == 2 && remembered(h.dedupe, "evt_unrecorded") })
+}
+
+func TestQueueDeletesAMarkerWithoutARecordOnlyWhenOld(t *testing.T) {
+	qt := newQueueTest(t, &testBackend{})
+	ctx := context.Background()
+	now := time.Now()
+	fresh := qt.h.queue.dueMarkerKey(hashHex("evt_fresh_orphan"), now, now, now)
+	old := qt.h.queue.dueMarkerKey(hashHex("evt_old_orphan"), now, now.Add(-2*time.Hour), now)
+	for _, key := range []string{fresh, old} {
+		if err := qt.h.queue.storeMarker(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the old orphan marker is deleted", func() bool { return !qt.h.dedupe.storage.Exists(ctx, old) })
+	// a marker without a record an hour young may be a storage's failed
+	// read of a queued event: kept
+	if !qt.h.dedupe.storage.Exists(ctx, fresh) {
+		t.Error("a young marker without a record was deleted")
+	}
+}

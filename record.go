@@ -16,10 +16,12 @@ import (
 // recordVersion is the v of the records this version writes.
 const recordVersion = 1
 
-// record is what the storage keeps per event: no plaintext, and not even
-// the event id, only its hash. A delivered event has DeliveredAt. While an
-// instance forwards the event, or after its forward failed, the record is a
-// lease instead: the holder's token and its last sign of life (see lock.go).
+// record is what the storage keeps per event: no plaintext, and of a
+// delivered event not even its id, only its hash. A delivered event has
+// DeliveredAt. While an instance forwards the event, or after its forward
+// failed, the record is a lease instead: the holder's token and its last
+// sign of life (see lock.go). A queued event's record also holds the
+// delivery, still encrypted, and its ids (Queue).
 type record struct {
 	Version     int       `json:"v"`
 	EventSHA256 string    `json:"event_sha256,omitempty"`
@@ -120,11 +122,18 @@ func (d *deduper) forget(ctx context.Context, eventID string) (found bool, err e
 	if err != nil {
 		return false, err
 	}
+	if rec.isQueued() {
+		// deleting it would take the event out of the queue unseen
+		return false, errEventQueued
+	}
 	if err := d.storage.Delete(ctx, recordKey); err != nil {
 		return false, err
 	}
 	return rec != nil && !rec.DeliveredAt.IsZero(), nil
 }
+
+// errEventQueued: forget met an event the queue still holds.
+var errEventQueued = errors.New("the event is in the queue, not delivered: take it out with caddy kayle queue drop")
 
 // loadRecord reads the record at key; nil when there is none, or when it
 // cannot be parsed (forwarding again is safer than refusing the event).
