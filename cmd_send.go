@@ -513,12 +513,13 @@ func (p *sendPlan) expected(status int) bool {
 	return status >= 200 && status <= 299
 }
 
-// printResponse prints the status line, X-Kayle-Duplicate, X-Kayle-Refused,
-// Location and the body (bounded), and returns the status.
+// printResponse prints the status line, X-Kayle-Queued, X-Kayle-Duplicate,
+// X-Kayle-Ignored, X-Kayle-Refused, Location and the body (bounded), and
+// returns the status.
 func printResponse(out io.Writer, resp *http.Response) int {
 	defer resp.Body.Close()
 	fmt.Fprintf(out, "%s %s\n", resp.Proto, resp.Status)
-	for _, name := range []string{kayle.HeaderDuplicate, kayle.HeaderRefused, "Location"} {
+	for _, name := range []string{kayle.HeaderQueued, kayle.HeaderDuplicate, kayle.HeaderIgnored, kayle.HeaderRefused, "Location"} {
 		if v := resp.Header.Get(name); v != "" {
 			fmt.Fprintf(out, "%s: %s\n", name, v)
 		}

@@ -909,3 +909,14 @@ func jweHeader(t *testing.T, jwe []byte) map[string]any {
 	}
 	return h
 }
+
+func TestSendPrintsTheGatewaysMarkers(t *testing.T) {
+	for _, name := range []string{kayle.HeaderQueued, kayle.HeaderDuplicate, kayle.HeaderIgnored, kayle.HeaderRefused} {
+		var out bytes.Buffer
+		resp := &http.Response{Proto: "HTTP/1.1", Status: "202 Accepted", StatusCode: 202,
+			Header: http.Header{name: {"true"}}, Body: io.NopCloser(strings.NewReader(`{"status":"queued"}`))}
+		if status := printResponse(&out, resp); status != 202 || !strings.Contains(out.String(), name+": true") {
+			t.Errorf("%s not printed (status %d):\n%s", name, status, out.String())
+		}
+	}
+}
