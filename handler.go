@@ -49,7 +49,9 @@ const (
 // signed body that cannot be used, 500 for a kid the gateway holds no key
 // for, 503 when the dedupe storage fails, 200 with X-Kayle-Duplicate: true
 // for an event already delivered, and 200 with X-Kayle-Ignored: true for a
-// type outside Events.
+// type outside Events. In queue mode (Queue) it never calls next: a new
+// event is stored and answered 202 with X-Kayle-Queued: true, and the queue
+// forwards it through its own routes.
 type Handler struct {
 	// Secrets the signature may be made with; a v1 made with any of them is
 	// accepted, so list the old and the new one during a rotation. Each may be

@@ -70,6 +70,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if h.Queue == nil {
+		go warnStrandedQueue(h.dedupe, h.logger)
 		return nil
 	}
 	if err := h.provisionQueue(ctx); err != nil {

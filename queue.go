@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"path"
 	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 )
 
@@ -210,3 +212,18 @@ func (q *queueRunner) kick() {
 type nothingAnswers struct{}
 
 func (nothingAnswers) ServeHTTP(http.ResponseWriter, *http.Request) error { return nil }
+
+// warnStrandedQueue warns when a handler without a queue finds queued or
+// dead events under its prefix: a queue block was removed, and nothing
+// forwards them (copies of them are answered as duplicates).
+func warnStrandedQueue(d *deduper, logger *zap.Logger) {
+	q := newQueueStore(d, logger)
+	ctx, cancel := context.WithTimeout(context.Background(), storageTimeout)
+	defer cancel()
+	due, _ := d.storage.List(ctx, path.Join(q.dir, queueDueFolder), false)
+	dead, _ := d.storage.List(ctx, path.Join(q.dir, queueDeadFolder), false)
+	if len(due) > 0 || len(dead) > 0 {
+		logger.Warn("the storage holds queued or dead events but this handler has no queue block: nothing forwards them, and Kayle's copies are answered as duplicates; put the queue block back (caddy kayle queue list shows them)",
+			zap.String("prefix", d.prefix), zap.Int("due_buckets", len(due)), zap.Int("dead", len(dead)))
+	}
+}

@@ -3,6 +3,7 @@ package kaylewebhook
 import (
 	"encoding/json"
 	"math"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,9 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // adaptQueue adapts a site whose kayle_webhook block holds queueBlock and
@@ -129,5 +133,21 @@ func TestParseRate(t *testing.T) {
 		if _, err := parseRate(in); err == nil {
 			t.Errorf("parseRate(%q) accepted", in)
 		}
+	}
+}
+
+func TestHandlerWithoutAQueueWarnsOfQueuedEvents(t *testing.T) {
+	backend := newSwitchableBackend(http.StatusServiceUnavailable)
+	qt := newQueueTest(t, &backend.testBackend)
+	core, logs := observer.New(zapcore.WarnLevel)
+	warnStrandedQueue(qt.h.dedupe, zap.New(core))
+	if logs.Len() != 0 {
+		t.Fatalf("warned of an empty queue: %v", logs.All())
+	}
+	qt.deliver(t, "evt_stranded")
+	eventually(t, "a try failed", func() bool { rec, _ := qt.record(t, "evt_stranded"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	warnStrandedQueue(qt.h.dedupe, zap.New(core))
+	if logs.FilterMessageSnippet("no queue block").Len() != 1 {
+		t.Errorf("no warning of a queued event a handler without a queue would strand: %v", logs.All())
 	}
 }
