@@ -87,6 +87,15 @@ func TestQueueBacksOffAsAWholeAndRecovers(t *testing.T) {
 	if m := backend.maxInFlight.Load(); m > 1 {
 		t.Errorf("%d forwards at once while the backend failed; a backing-off queue sends one probe at a time", m)
 	}
+	prefix := qt.h.dedupe.prefix
+	eventually(t, "the depth gauge counts the queued events", func() bool {
+		return gaugeValue(t, queueDepth.WithLabelValues(prefix)) == events &&
+			gaugeValue(t, queueOldestAge.WithLabelValues(prefix)) > 0
+	})
+	if n := counterValue(t, queueForwardsTotal.WithLabelValues(prefix, "502")); n < 1 {
+		t.Errorf("queue_forwards_total{status=502} = %v while the backend fails", n)
+	}
+	okBefore := counterValue(t, queueForwardsTotal.WithLabelValues(prefix, "200"))
 	var backoff float64
 	eventually(t, "the backoff gauge shows the wait", func() bool {
 		backoff = gaugeValue(t, queueBackoffSeconds.WithLabelValues(qt.h.dedupe.prefix))
@@ -109,6 +118,10 @@ func TestQueueBacksOffAsAWholeAndRecovers(t *testing.T) {
 		t.Errorf("forwards went on after every event was delivered: %d, then %d", delivered, backend.Calls())
 	}
 	eventually(t, "no marker is left", func() bool { return len(qt.markers(t)) == 0 })
+	if n := counterValue(t, queueForwardsTotal.WithLabelValues(prefix, "200")) - okBefore; n != events {
+		t.Errorf("queue_forwards_total{status=200} rose by %v, want %d", n, events)
+	}
+	eventually(t, "the depth gauge is back to 0", func() bool { return gaugeValue(t, queueDepth.WithLabelValues(prefix)) == 0 })
 	if g := gaugeValue(t, queueBackoffSeconds.WithLabelValues(qt.h.dedupe.prefix)); g != 0 {
 		t.Errorf("backoff gauge %v after recovery, want 0", g)
 	}
