@@ -5,6 +5,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -104,13 +105,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.DecryptionJWKS = append(h.DecryptionJWKS, file)
 		case "tolerance", "dedupe_window":
 			name := d.Val()
-			var value string
-			if !d.Args(&value) || d.NextArg() {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(value)
+			dur, err := durationArg(d, name)
 			if err != nil {
-				return d.Errf("%s: %v", name, err)
+				return err
 			}
 			if name == "tolerance" {
 				h.Tolerance = caddy.Duration(dur)
@@ -192,13 +189,9 @@ func (h *Handler) unmarshalQueue(d *caddyfile.Dispenser) error {
 			h.queueForward = d.NewFromNextSegment()
 		case "horizon", "max_backoff":
 			name := d.Val()
-			var value string
-			if !d.Args(&value) || d.NextArg() {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(value)
+			dur, err := durationArg(d, "queue "+name)
 			if err != nil {
-				return d.Errf("queue %s: %v", name, err)
+				return err
 			}
 			if name == "horizon" {
 				h.Queue.Horizon = caddy.Duration(dur)
@@ -233,6 +226,19 @@ func (h *Handler) unmarshalQueue(d *caddyfile.Dispenser) error {
 		return d.Err("queue needs a forward block: forward { reverse_proxy <backend> }")
 	}
 	return nil
+}
+
+// durationArg reads the one duration argument of the option called name.
+func durationArg(d *caddyfile.Dispenser, name string) (time.Duration, error) {
+	var value string
+	if !d.Args(&value) || d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(value)
+	if err != nil {
+		return 0, d.Errf("%s: %v", name, err)
+	}
+	return dur, nil
 }
 
 // parseRate reads a rate such as 50/s, 600/m or 1000/h as forwards a second.

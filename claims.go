@@ -22,21 +22,10 @@ type keyedEntry struct {
 
 // acquire waits until key is free or ctx ends; release must be called once.
 func (k *keyedMutex) acquire(ctx context.Context, key string) (release func(), err error) {
-	k.mu.Lock()
-	e := k.entries[key]
-	if e == nil {
-		e = &keyedEntry{token: make(chan struct{}, 1)}
-		k.entries[key] = e
-	}
-	e.refs++
-	k.mu.Unlock()
-
+	e := k.enter(key)
 	select {
 	case e.token <- struct{}{}:
-		return func() {
-			<-e.token
-			k.drop(key, e)
-		}, nil
+		return k.releaser(key, e), nil
 	case <-ctx.Done():
 		k.drop(key, e)
 		return nil, ctx.Err()
@@ -45,23 +34,34 @@ func (k *keyedMutex) acquire(ctx context.Context, key string) (release func(), e
 
 // tryAcquire claims key if it is free now.
 func (k *keyedMutex) tryAcquire(key string) (release func(), ok bool) {
+	e := k.enter(key)
+	select {
+	case e.token <- struct{}{}:
+		return k.releaser(key, e), true
+	default:
+		k.drop(key, e)
+		return nil, false
+	}
+}
+
+// enter finds or makes key's entry and counts one more user of it.
+func (k *keyedMutex) enter(key string) *keyedEntry {
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	e := k.entries[key]
 	if e == nil {
 		e = &keyedEntry{token: make(chan struct{}, 1)}
 		k.entries[key] = e
 	}
 	e.refs++
-	k.mu.Unlock()
-	select {
-	case e.token <- struct{}{}:
-		return func() {
-			<-e.token
-			k.drop(key, e)
-		}, true
-	default:
+	return e
+}
+
+// releaser is the release of a claim of key taken through e.
+func (k *keyedMutex) releaser(key string, e *keyedEntry) func() {
+	return func() {
+		<-e.token
 		k.drop(key, e)
-		return nil, false
 	}
 }
 
