@@ -77,6 +77,8 @@ func (m *memStorage) fail(method string, err error) {
 
 // failOnly makes method fail with err for key alone.
 func (m *memStorage) failOnly(method, key string, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.hook = func(called, calledKey string) {
 		if called == method && calledKey == key {
 			m.fail(method, err)

@@ -81,6 +81,9 @@ func newQueueTestAt(t *testing.T, root string, backend *testBackend, configure .
 	t.Helper()
 	h := newTestHandler(t, func(h *Handler) {
 		h.StorageRaw = fileStorageJSON(root)
+		// a prefix of its own: the queue's gauges are labelled by it, and
+		// the tests run in parallel
+		h.DedupePrefix = "kayle_webhook/" + strings.NewReplacer("/", "_", "#", "_").Replace(t.Name())
 		h.Queue = &Queue{Forward: forwardTo(t, backend), MaxBackoff: caddy.Duration(200 * time.Millisecond)}
 		timing := queueTestTiming
 		h.timing = &timing

@@ -63,6 +63,7 @@ func (b *switchableBackend) tryTimes() []time.Time {
 }
 
 func TestQueueBacksOffAsAWholeAndRecovers(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusBadGateway)
 	qt := newQueueTest(t, &backend.testBackend)
 	const events = 6
@@ -128,6 +129,7 @@ func TestQueueBacksOffAsAWholeAndRecovers(t *testing.T) {
 }
 
 func TestQueueHonoursRetryAfter(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusTooManyRequests)
 	backend.retryAfter = "2"
 	qt := newQueueTest(t, &backend.testBackend)
@@ -148,6 +150,7 @@ func TestQueueHonoursRetryAfter(t *testing.T) {
 }
 
 func TestQueueRefusalOfOneEventDoesNotStopTheQueue(t *testing.T) {
+	t.Parallel()
 	backend := &testBackend{}
 	backend.Respond = func(_ int, w http.ResponseWriter, r *http.Request) error {
 		if r.Header.Get(kayle.HeaderEventID) == "evt_poison" {
@@ -174,6 +177,7 @@ func TestQueueRefusalOfOneEventDoesNotStopTheQueue(t *testing.T) {
 }
 
 func TestQueueEventPastHorizonIsDead(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	qt := newQueueTest(t, &backend.testBackend, func(h *Handler) { h.Queue.Horizon = caddy.Duration(500 * time.Millisecond) })
 	qt.deliver(t, "evt_dead")
@@ -199,6 +203,7 @@ func TestQueueEventPastHorizonIsDead(t *testing.T) {
 }
 
 func TestQueueSignsEachForwardAsItLeaves(t *testing.T) {
+	t.Parallel()
 	secret := "whsec_" + strings.Repeat("A", 43) + "="
 	key, err := standardwebhooks.ParseSecret(secret)
 	if err != nil {
@@ -234,6 +239,7 @@ func TestQueueSignsEachForwardAsItLeaves(t *testing.T) {
 }
 
 func TestQueueNeverForwardsATamperedRecord(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
@@ -289,6 +295,7 @@ func TestQueueNeverForwardsATamperedRecord(t *testing.T) {
 }
 
 func TestQueuedEventWhoseKeyIsGoneWaitsAndSaysSo(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
@@ -317,6 +324,7 @@ func TestQueuedEventWhoseKeyIsGoneWaitsAndSaysSo(t *testing.T) {
 }
 
 func TestQueuePauseFlagStopsForwardsUntilResumed(t *testing.T) {
+	t.Parallel()
 	backend := &testBackend{}
 	qt := newQueueTest(t, backend)
 	ctx := context.Background()
@@ -342,6 +350,7 @@ func TestQueuePauseFlagStopsForwardsUntilResumed(t *testing.T) {
 }
 
 func TestQueueTakesOverAnEventWhoseHolderDied(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
@@ -375,6 +384,7 @@ func TestQueueTakesOverAnEventWhoseHolderDied(t *testing.T) {
 }
 
 func TestSweepKeepsQueuedEvents(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	qt := newQueueTest(t, &backend.testBackend)
 	qt.deliver(t, "evt_old")
@@ -391,6 +401,7 @@ func TestSweepKeepsQueuedEvents(t *testing.T) {
 }
 
 func TestForgetRefusesAQueuedEvent(t *testing.T) {
+	t.Parallel()
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	qt := newQueueTest(t, &backend.testBackend)
 	qt.deliver(t, "evt_forget")
@@ -406,6 +417,7 @@ func TestForgetRefusesAQueuedEvent(t *testing.T) {
 }
 
 func TestQueueDeliveredButUnrecordedIsForwardedAgain(t *testing.T) {
+	t.Parallel()
 	release := make(chan struct{})
 	backend := &testBackend{Respond: func(call int, w http.ResponseWriter, _ *http.Request) error {
 		if call == 0 {
@@ -439,6 +451,7 @@ func TestQueueDeliveredButUnrecordedIsForwardedAgain(t *testing.T) {
 }
 
 func TestQueueDeletesAMarkerWithoutARecordOnlyWhenOld(t *testing.T) {
+	t.Parallel()
 	qt := newQueueTest(t, &testBackend{})
 	ctx := context.Background()
 	now := time.Now()
