@@ -846,3 +846,363 @@ func TestQueueKilledMidForwardIsTakenOver(t *testing.T) {
 		t.Errorf("the restarted instance counts %v forwards answered 200, want 1", v)
 	}
 }
+
+// pausedSeries is the queue's pause gauge, as the admin /metrics exposes it.
+const pausedSeries = `caddy_kayle_webhook_queue_paused{queue="kayle_webhook/events"}`
+
+// configOf is the Caddyfile the process runs with (startCaddy writes it).
+func configOf(p *caddyProcess) string { return filepath.Join(p.Cmd.Dir, "Caddyfile") }
+
+// kayleQueue runs the built binary's `caddy kayle queue` on config, as an
+// operator does next to a running gateway, and returns what it printed on
+// stdout and on stderr. It fails the test unless the command succeeds.
+func kayleQueue(t *testing.T, bin, config string, args ...string) (out, notes string) {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"kayle", "queue", "--config", config, "--adapter", "caddyfile"}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("caddy kayle queue %s: %v\n%s%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
+	}
+	return stdout.String(), stderr.String()
+}
+
+// listedRows are the event rows of a `caddy kayle queue list`, by event id:
+// id, type, received, attempts, last status, next try (and notes).
+func listedRows(out string) map[string][]string {
+	rows := make(map[string][]string)
+	for line := range strings.Lines(out) {
+		if f := strings.Fields(line); len(f) >= 6 && strings.HasPrefix(f[0], "evt_") {
+			rows[f[0]] = f
+		}
+	}
+	return rows
+}
+
+// expectListed fails the test unless every event has a row of its own in a
+// listing, with its type, and nothing else has one.
+func expectListed(t *testing.T, out string, evs []event) map[string][]string {
+	t.Helper()
+	rows := listedRows(out)
+	for _, ev := range evs {
+		row, ok := rows[ev.id]
+		switch {
+		case !ok:
+			t.Errorf("the listing lacks %s:\n%s", ev.id, out)
+		case row[1] != ev.typ:
+			t.Errorf("the listing shows %s with type %q, want %q:\n%s", ev.id, row[1], ev.typ, out)
+		}
+	}
+	if len(rows) != len(evs) {
+		t.Errorf("the listing has %d event rows, want %d:\n%s", len(rows), len(evs), out)
+	}
+	return rows
+}
+
+// gatedBackend is a backend that answers 503 while down, as an application
+// being deployed or overloaded does, and counts the events it accepted.
+type gatedBackend struct {
+	*backend
+	down     atomic.Bool
+	mu       sync.Mutex
+	accepted map[string]int
+}
+
+func newGatedBackend(t *testing.T) *gatedBackend {
+	g := &gatedBackend{backend: newBackend(t), accepted: make(map[string]int)}
+	g.down.Store(true)
+	g.respond = func(w http.ResponseWriter, r *http.Request, n int) {
+		if g.down.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		g.mu.Lock()
+		g.accepted[r.Header.Get(kayle.HeaderEventID)]++
+		g.mu.Unlock()
+		_, _ = io.WriteString(w, `{"received":true}`)
+	}
+	return g
+}
+
+func (g *gatedBackend) acceptedOf(eventID string) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.accepted[eventID]
+}
+
+// An operator drives a running cluster with `caddy kayle queue`: two
+// instances on one storage queue events while the backend answers 503.
+// pause holds both instances (nothing reaches the backend once it is back,
+// and a delivery is still queued); list shows every queued event by id and
+// type and nothing of its content; drop takes one out for good (never
+// delivered, a copy at either instance a duplicate); resume delivers every
+// other event once. On a third instance with a short horizon, events gone
+// dead are listed with --dead, and retry (by id, and --dead) delivers each
+// once.
+func TestQueueOperatorCommandsDriveACluster(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	bin := buildCaddy(t)
+	be := newGatedBackend(t) // down: 503
+	storage := t.TempDir()
+	const maxBackoff = 2 * time.Second
+	a := startCaddy(t, bin, "A", queueGateway(t, storage, be.hostPort(), queueBlock{maxBackoff: "2s"}))
+	b := startCaddy(t, bin, "B", queueGateway(t, storage, be.hostPort(), queueBlock{maxBackoff: "2s"}))
+	// C: a storage of its own, a horizon of 3 s and a crashed backend;
+	// its events go dead while A and B are driven
+	deadBE, deadPort := newSwitchedBackend(t, true)
+	deadStorage := t.TempDir()
+	c := startCaddy(t, bin, "C", queueGateway(t, deadStorage, deadBE.hostPort(), queueBlock{horizon: "3s", maxBackoff: "1s"}))
+	procs := []*caddyProcess{a, b}
+	for _, p := range []*caddyProcess{a, b, c} {
+		p.waitReady(t)
+	}
+	client := sender(t)
+	began := time.Now()
+
+	var secrets []string
+	doomed := make([]event, 2)
+	for i := range doomed {
+		var s []string
+		doomed[i], s = privateEvent(t)
+		secrets = append(secrets, s...)
+		expectQueued(t, client, c.gw.url(), doomed[i])
+	}
+
+	const events = 6
+	evs := make([]event, events)
+	for i := range evs {
+		var s []string
+		evs[i], s = privateEvent(t)
+		secrets = append(secrets, s...)
+		expectQueued(t, client, procs[i%2].gw.url(), evs[i])
+	}
+	expectNoSecrets := func(what, text string) {
+		t.Helper()
+		for _, s := range secrets {
+			if strings.Contains(text, s) {
+				t.Errorf("%s holds plaintext: %q", what, s)
+			}
+		}
+	}
+
+	// pause, with B's config: both instances obey the flag at their next poll
+	out, _ := kayleQueue(t, bin, configOf(b), "pause")
+	if !strings.Contains(out, "paused: ") {
+		t.Errorf("pause printed:\n%s", out)
+	}
+	waitUntil(t, 5*time.Second, "both instances report the queue paused", func() bool {
+		return a.metric(t, pausedSeries) == 1 && b.metric(t, pausedSeries) == 1
+	})
+
+	// list, with A's config. Paused, no forward moves an event between
+	// markers under the listing, so it is exact.
+	out, notes := kayleQueue(t, bin, configOf(a), "list")
+	t.Logf("caddy kayle queue list:\n%s", out)
+	rows := expectListed(t, out, evs)
+	for _, ev := range evs[:2] { // the first at each instance, tried at once
+		if row := rows[ev.id]; row != nil && (row[3] == "0" || row[4] != "503") {
+			t.Errorf("listed %s with %s tries, last status %s; want a try, answered 503", ev.id, row[3], row[4])
+		}
+	}
+	for _, want := range []string{"PAUSED (", "\n6 queued events\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the listing lacks %q:\n%s", want, out)
+		}
+	}
+	expectNoSecrets("the listing", out+notes)
+
+	// the backend is back, the queue paused: nothing reaches the backend,
+	// not even a probe, and a new delivery is still queued (not tried)
+	before := be.total()
+	be.down.Store(false)
+	late := newEvent(t, nil)
+	expectQueued(t, client, b.gw.url(), late)
+	time.Sleep(3 * time.Second)
+	if n := be.total() - before; n != 0 {
+		t.Errorf("the backend got %d requests in the 3 s the queue was paused after it came back, want none", n)
+	}
+
+	// drop, with A's config
+	dropped, rest := evs[0], append(slices.Clone(evs[1:]), late)
+	out, notes = kayleQueue(t, bin, configOf(a), "drop", dropped.id)
+	if !strings.Contains(out, "dropped     "+dropped.id+" (was queued") {
+		t.Errorf("drop printed:\n%s", out)
+	}
+	expectNoSecrets("drop's output", out+notes)
+	for _, p := range procs {
+		expectDuplicateAnswer(t, client, p.gw.url(), dropped)
+	}
+
+	// resume, with B's config: every other event reaches the backend once
+	resumed := time.Now()
+	out, _ = kayleQueue(t, bin, configOf(b), "resume")
+	if !strings.Contains(out, "resumed: ") {
+		t.Errorf("resume printed:\n%s", out)
+	}
+	waitUntil(t, maxBackoff+10*time.Second, "every event but the dropped one reached the backend after resume", func() bool {
+		for _, ev := range rest {
+			if be.acceptedOf(ev.id) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("every queued event reached the backend %s after resume was run", time.Since(resumed).Round(time.Millisecond))
+	waitDrained(t, storage, rest, 15*time.Second)
+	for _, ev := range rest {
+		if n := be.acceptedOf(ev.id); n != 1 {
+			t.Errorf("the backend accepted %s %d times, want exactly 1", ev.id, n)
+		}
+	}
+	if n := be.acceptedOf(dropped.id); n != 0 {
+		t.Errorf("the dropped event reached the backend %d times since it came back, want never", n)
+	}
+	if !delivered(t, storage, dropped.id) {
+		t.Errorf("the dropped event's record is not a done one: %+v", readRecord(t, storage, dropped.id))
+	}
+	out, _ = kayleQueue(t, bin, configOf(a), "list")
+	if rows := listedRows(out); len(rows) != 0 || !strings.Contains(out, "\n0 queued events\n") {
+		t.Errorf("the listing once the queue drained:\n%s", out)
+	}
+	for _, p := range procs {
+		expectDuplicateAnswer(t, client, p.gw.url(), dropped)
+	}
+
+	// C's events are dead: listed with --dead, retried once the backend is back
+	for _, ev := range doomed {
+		marker := filepath.Join(deadStorage, queueFolder, "dead", eventHash(ev.id))
+		waitUntil(t, 20*time.Second, "C's event has a dead marker", func() bool {
+			_, err := os.Stat(marker)
+			return err == nil
+		})
+	}
+	out, notes = kayleQueue(t, bin, configOf(c), "list", "--dead")
+	t.Logf("caddy kayle queue list --dead:\n%s", out)
+	rows = expectListed(t, out, doomed)
+	for _, ev := range doomed {
+		if row := rows[ev.id]; row != nil && (row[4] != "502" || row[5] != "dead") {
+			t.Errorf("listed dead %s with last status %s, next try %s; want 502, dead", ev.id, row[4], row[5])
+		}
+	}
+	if !strings.Contains(out, "\n2 dead events\n") {
+		t.Errorf("list --dead lacks its count:\n%s", out)
+	}
+	expectNoSecrets("the listing of the dead", out+notes)
+	if out, _ := kayleQueue(t, bin, configOf(c), "list"); len(listedRows(out)) != 0 || !strings.Contains(out, "0 queued events; 2 dead") {
+		t.Errorf("the listing of C's queue with its events dead:\n%s", out)
+	}
+	if n := deadBE.total(); n != 0 {
+		t.Fatalf("C's backend got %d requests while down", n)
+	}
+	deadPort.down.Store(false)
+
+	retried := time.Now()
+	out, _ = kayleQueue(t, bin, configOf(c), "retry", doomed[0].id)
+	if !strings.Contains(out, "revived     "+doomed[0].id) {
+		t.Errorf("retry printed:\n%s", out)
+	}
+	waitUntil(t, 10*time.Second, "the event retried by id reached the backend", func() bool { return deadBE.count(doomed[0].id) > 0 })
+	t.Logf("the dead event retried by id reached the backend %s after retry was run", time.Since(retried).Round(time.Millisecond))
+	out, _ = kayleQueue(t, bin, configOf(c), "retry", "--dead")
+	if !strings.Contains(out, "revived     "+doomed[1].id) || !strings.Contains(out, "1 of 1 dead event revived") {
+		t.Errorf("retry --dead printed:\n%s", out)
+	}
+	waitDrained(t, deadStorage, doomed, 10*time.Second)
+	expectEachOnce(t, deadBE, doomed)
+	if n := deadBE.total(); n != len(doomed) {
+		t.Errorf("C's backend got %d requests, want %d", n, len(doomed))
+	}
+	if out, _ := kayleQueue(t, bin, configOf(c), "list", "--dead"); !strings.Contains(out, "\n0 dead events\n") {
+		t.Errorf("list --dead once the dead events were retried:\n%s", out)
+	}
+	for _, ev := range doomed {
+		expectDuplicateAnswer(t, client, c.gw.url(), ev)
+	}
+	t.Logf("driven in %s", time.Since(began).Round(100*time.Millisecond))
+}
+
+// newBackendAt is a backend listening on hostPort (a port nothing listens
+// on until now).
+func newBackendAt(t *testing.T, hostPort string) *backend {
+	l, err := net.Listen("tcp", hostPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := &backend{byEvent: make(map[string]int)}
+	be.srv = httptest.NewUnstartedServer(http.HandlerFunc(be.serveHTTP))
+	be.srv.Listener.Close()
+	be.srv.Listener = l
+	be.srv.Start()
+	t.Cleanup(be.srv.Close)
+	return be
+}
+
+// A graceful stop (caddy stop) never drops queued work: events queued
+// while the backend refuses connections are still queued once the instance
+// stopped, and the instance started again with the backend up forwards
+// each of them once.
+func TestQueueGracefulStopKeepsQueuedWork(t *testing.T) {
+	skipShort(t)
+	t.Parallel()
+	bin := buildCaddy(t)
+	backendAt := fmt.Sprintf("127.0.0.1:%d", mustFreePort(t)) // nothing listens: refused
+	storage := t.TempDir()
+	const maxBackoff = 2 * time.Second
+	gw := queueGateway(t, storage, backendAt, queueBlock{maxBackoff: "2s"})
+	p := startReady(t, bin, "A", gw)
+	client := sender(t)
+
+	const events = 5
+	evs := make([]event, events)
+	for i := range evs {
+		evs[i] = newEvent(t, nil)
+		expectQueued(t, client, gw.url(), evs[i])
+	}
+	// the first try failed and was recorded: the queue is backing off
+	waitUntil(t, 10*time.Second, "the first event's failed try recorded", func() bool {
+		rec := readRecord(t, storage, evs[0].id)
+		return rec != nil && rec.Queue != nil && rec.Queue.Attempts > 0
+	})
+
+	stop := exec.Command(bin, "stop", "--address", fmt.Sprintf("localhost:%d", gw.adminPort))
+	if out, err := stop.CombinedOutput(); err != nil {
+		t.Fatalf("caddy stop: %v\n%s", err, out)
+	}
+	select {
+	case <-p.Exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Caddy did not exit within 15 s of caddy stop")
+	}
+	if p.WaitErr != nil {
+		t.Errorf("Caddy exited after caddy stop with %v, want status 0", p.WaitErr)
+	}
+	for _, ev := range evs {
+		if rec := readRecord(t, storage, ev.id); rec == nil || rec.Queue == nil || !rec.DeliveredAt.IsZero() || rec.Queue.Dead {
+			t.Errorf("after the stop the record of %s is %+v, want it queued", ev.id, rec)
+		}
+	}
+	if n := len(dueMarkers(t, storage)); n != events {
+		t.Errorf("after the stop the storage holds %d due markers, want %d", n, events)
+	}
+
+	be := newBackendAt(t, backendAt)
+	restarted := startReady(t, bin, "A restarted", gw)
+	took := waitUntil(t, maxBackoff+10*time.Second, "every queued event reached the backend after the restart", func() bool {
+		for _, ev := range evs {
+			if be.count(ev.id) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("every queued event reached the backend %s after the restarted instance was ready", took.Round(time.Millisecond))
+	waitDrained(t, storage, evs, 15*time.Second)
+	expectEachOnce(t, be, evs)
+	if n := be.total(); n != events {
+		t.Errorf("backend got %d requests, want %d", n, events)
+	}
+	for _, ev := range evs {
+		expectDuplicateAnswer(t, client, restarted.gw.url(), ev)
+	}
+}
