@@ -278,6 +278,12 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		q.deleteMarker(ctx, m.key)
 		return
 	}
+	q.mu.Lock()
+	paused := q.paused
+	q.mu.Unlock()
+	if paused {
+		return // paused while this poll waited for the lock
+	}
 	j.item = rec.Queue
 	held.lease = *rec
 	held.lease.EventSHA256 = m.eventHash
