@@ -94,7 +94,7 @@ func (q *queueStore) listQueue(ctx context.Context, dead bool) (queueListing, er
 				case err != nil:
 					listing.Unreadable++
 					listing.ReadErr = cmp.Or(listing.ReadErr, err)
-				case !rec.isQueued() || rec.Queue.Marker != m.key || rec.Queue.Dead != dead:
+				case !rec.isQueued() || !sameMarker(rec.Queue.Marker, m.key) || rec.Queue.Dead != dead:
 					listing.Stale++
 				default:
 					listing.Entries = append(listing.Entries, entryOf(rec.Queue))
@@ -213,7 +213,7 @@ func (q *queueStore) retryHash(ctx context.Context, eventHash, what string, only
 		return queueChange{}, err
 	}
 	defer release()
-	if onlyDead && held != nil && (!rec.isQueued() || rec.Queue.Marker != q.deadMarkerKey(eventHash)) {
+	if onlyDead && held != nil && (!rec.isQueued() || !sameMarker(rec.Queue.Marker, q.deadMarkerKey(eventHash))) {
 		// a dead marker left behind (its record moved on, and deleting it
 		// failed): nothing else deletes it, and the metrics count it
 		q.deleteMarker(ctx, q.deadMarkerKey(eventHash))
