@@ -8,13 +8,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -38,7 +42,37 @@ type gatewayProc struct {
 	env       []string // the process's, for the commands run beside it
 }
 
-func gatewayCaddyfile(adminAddr string, port int, storage, backend string) string {
+// gatewayConfig is what a gateway's Caddyfile is made of, beyond the demo
+// material.
+type gatewayConfig struct {
+	storage string // the global storage option's value (the row's)
+	backend string // host:port the route's reverse_proxy forwards to
+	// prefix is kayle_webhook's dedupe_prefix ("": its default): clusters
+	// that run at once on one storage keep apart.
+	prefix string
+	// queue turns on queue mode (nil: off).
+	queue *queueConfig
+}
+
+// queueConfig is kayle_webhook's queue block. The queue delivers through
+// its own forward routes, to the same backend as the route's reverse_proxy
+// (which queue mode never reaches).
+type queueConfig struct {
+	maxBackoff time.Duration // 0: the default
+}
+
+func gatewayCaddyfile(adminAddr string, port int, cfg gatewayConfig) string {
+	var opts strings.Builder
+	if cfg.prefix != "" {
+		fmt.Fprintf(&opts, "\t\tdedupe_prefix %s\n", cfg.prefix)
+	}
+	if q := cfg.queue; q != nil {
+		fmt.Fprintf(&opts, "\t\tqueue {\n\t\t\tforward {\n\t\t\t\treverse_proxy %s\n\t\t\t}\n", cfg.backend)
+		if q.maxBackoff != 0 {
+			fmt.Fprintf(&opts, "\t\t\tmax_backoff %s\n", q.maxBackoff)
+		}
+		opts.WriteString("\t\t}\n")
+	}
 	return fmt.Sprintf(`{
 	admin %s
 	persist_config off
@@ -50,15 +84,15 @@ http://127.0.0.1:%d {
 	kayle_webhook {
 		signing_secret "{file.%s}"
 		decryption_key %s %q
-	}
+%s	}
 	reverse_proxy %s
 }
-`, adminAddr, storage, port, demo.SecretPath, demoKID, demo.KeyPath, backend)
+`, adminAddr, cfg.storage, port, demo.SecretPath, demoKID, demo.KeyPath, opts.String(), cfg.backend)
 }
 
 // startGateway runs one gateway (see waitReady). It is killed
 // when the test ends, and its output logged if the test failed.
-func startGateway(t *testing.T, bin, name, storage, backend string) *gatewayProc {
+func startGateway(t *testing.T, bin, name string, cfg gatewayConfig) *gatewayProc {
 	t.Helper()
 	dir := t.TempDir()
 	port := servers.FreePort(t)
@@ -69,7 +103,7 @@ func startGateway(t *testing.T, bin, name, storage, backend string) *gatewayProc
 		adminAddr: fmt.Sprintf("127.0.0.1:%d", servers.FreePort(t)),
 		url:       fmt.Sprintf("http://127.0.0.1:%d/kayle/webhook", port),
 	}
-	if err := os.WriteFile(g.config, []byte(gatewayCaddyfile(g.adminAddr, port, storage, backend)), 0o600); err != nil {
+	if err := os.WriteFile(g.config, []byte(gatewayCaddyfile(g.adminAddr, port, cfg)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	g.Process = kayletest.StartCaddy(t, bin, name, dir, g.config)
@@ -79,6 +113,47 @@ func startGateway(t *testing.T, bin, name, storage, backend string) *gatewayProc
 
 // waitReady polls until the kayle_webhook route answers.
 func (g *gatewayProc) waitReady(t *testing.T) { g.WaitReady(t, g.url) }
+
+// kill ends the gateway with SIGKILL, as the OOM killer would: none of its
+// own cleanup runs. It returns once the process died.
+func (g *gatewayProc) kill(t *testing.T) {
+	t.Helper()
+	if err := g.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-g.Exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s did not die within 10 s of SIGKILL", g.Name)
+	}
+}
+
+// metric reads one series of the gateway's Prometheus metrics (Caddy's
+// admin endpoint); 0 when the gateway has not made it yet.
+func (g *gatewayProc) metric(t *testing.T, series string) float64 {
+	t.Helper()
+	client := &http.Client{Timeout: 10 * time.Second}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://" + g.adminAddr + "/metrics")
+	if err != nil {
+		t.Fatalf("%s's metrics: %v", g.Name, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s's metrics: %d, %v", g.Name, resp.StatusCode, err)
+	}
+	for line := range strings.Lines(string(body)) {
+		if value, ok := strings.CutPrefix(strings.TrimSpace(line), series+" "); ok {
+			v, err := strconv.ParseFloat(value, 64)
+			if err != nil {
+				t.Fatalf("%s's metric %s: %q", g.Name, series, line)
+			}
+			return v
+		}
+	}
+	return 0
+}
 
 // command runs a caddy subcommand as an operator on the gateway's machine
 // would (same environment), bounded by limit.
@@ -156,6 +231,7 @@ func delivery(t testing.TB, url string, ev event) *http.Request {
 type answer struct {
 	status    int
 	duplicate bool
+	queued    bool // 202 with X-Kayle-Queued: true
 	body      string
 	err       error
 	took      time.Duration
@@ -167,6 +243,8 @@ func (a answer) String() string {
 		return fmt.Sprintf("no answer after %s (%v)", a.took.Round(time.Millisecond), a.err)
 	case a.duplicate:
 		return fmt.Sprintf("%d duplicate after %s", a.status, a.took.Round(time.Millisecond))
+	case a.queued:
+		return fmt.Sprintf("%d queued after %s", a.status, a.took.Round(time.Millisecond))
 	default:
 		return fmt.Sprintf("%d after %s: %q", a.status, a.took.Round(time.Millisecond), truncate(a.body))
 	}
@@ -176,6 +254,17 @@ func (a answer) String() string {
 func (a answer) forwarded() bool { return a.err == nil && a.status/100 == 2 && !a.duplicate }
 
 func (a answer) isDuplicate() bool { return a.err == nil && a.status == http.StatusOK && a.duplicate }
+
+// isQueued: 202, X-Kayle-Queued: true and {"status":"queued","event_id":…}
+// naming ev.
+func (a answer) isQueued(ev event) bool {
+	var body struct {
+		Status  string `json:"status"`
+		EventID string `json:"event_id"`
+	}
+	return a.err == nil && a.status == http.StatusAccepted && a.queued &&
+		json.Unmarshal([]byte(a.body), &body) == nil && body.Status == "queued" && body.EventID == ev.id
+}
 
 func truncate(s string) string {
 	if len(s) > 200 {
@@ -203,6 +292,7 @@ func send(c *http.Client, req *http.Request) answer {
 	return answer{
 		status:    resp.StatusCode,
 		duplicate: resp.Header.Get(kayle.HeaderDuplicate) == "true",
+		queued:    resp.Header.Get(kayle.HeaderQueued) == "true",
 		body:      string(body),
 		err:       err,
 		took:      time.Since(began),
@@ -232,6 +322,7 @@ func await(t *testing.T, what string, ch <-chan answer, limit time.Duration) ans
 // id and answers through respond (200 at once by default).
 type backend struct {
 	srv  *httptest.Server
+	port *switchedListener
 	done chan struct{} // closed at the end of the test: hung answers return
 
 	mu      sync.Mutex
@@ -247,12 +338,36 @@ type responder func(be *backend, w http.ResponseWriter, r *http.Request, n int)
 func newBackend(t *testing.T, respond responder) *backend {
 	t.Helper()
 	be := &backend{byEvent: make(map[string]int), respond: respond, done: make(chan struct{})}
-	be.srv = httptest.NewServer(http.HandlerFunc(be.serveHTTP))
+	be.srv = httptest.NewUnstartedServer(http.HandlerFunc(be.serveHTTP))
+	be.port = &switchedListener{Listener: be.srv.Listener}
+	be.srv.Listener = be.port
+	be.srv.Start()
 	t.Cleanup(func() {
 		close(be.done)
 		be.srv.Close()
 	})
 	return be
+}
+
+// switchedListener is the backend's port. While down it closes each
+// connection as soon as it is accepted, as the port of a crashed backend
+// behind a load balancer does: the gateway's forward fails before any
+// request is read, and nothing is counted.
+type switchedListener struct {
+	net.Listener
+	down    atomic.Bool
+	refused atomic.Int64 // connections closed while down
+}
+
+func (l *switchedListener) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil || !l.down.Load() {
+			return conn, err
+		}
+		l.refused.Add(1)
+		conn.Close()
+	}
 }
 
 func (be *backend) serveHTTP(w http.ResponseWriter, r *http.Request) {

@@ -1,7 +1,8 @@
-// Package storagetest runs the kayle_webhook gateway's dedupe on real storage
-// servers: two Caddy processes built from ./caddy share one storage (a
-// file_system folder, or a storage module on the server it talks to), and
-// every row of the matrix runs the same scenarios against them (matrix_test.go).
+// Package storagetest runs the kayle_webhook gateway's dedupe and queue on
+// real storage servers: two Caddy processes built from ./caddy share one
+// storage (a file_system folder, or a storage module on the server it talks
+// to), and every row of the matrix runs the same scenarios against them
+// (matrix_test.go, queue_test.go).
 //
 // The servers are the Debian binaries, started by the tests on free loopback
 // ports in temporary folders, so that a test can stop, restart and freeze

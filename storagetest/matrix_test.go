@@ -11,7 +11,6 @@ import (
 	"path"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -49,6 +48,7 @@ func TestStorageMatrix(t *testing.T) {
 			t.Run("b_killed_holder_taken_over", m.killedHolder)
 			t.Run("e_reload_mid_forward", m.reloadMidForward)
 			t.Run("f_sweep_deletes_expired_keeps_live", m.sweep)
+			t.Run("q_queue", m.queue)
 			t.Run("d_storage_frozen_past_lock_ttl", m.frozenStorage)
 			t.Run("c_storage_stopped_then_restarted", m.stoppedStorage)
 		})
@@ -71,9 +71,15 @@ type cluster struct {
 func (m matrix) cluster(t *testing.T, respond responder) *cluster {
 	t.Helper()
 	be := newBackend(t, respond)
+	return m.startCluster(t, be, gatewayConfig{storage: m.row.caddyfile, backend: be.hostPort()})
+}
+
+// startCluster runs A and B with cfg, in front of be.
+func (m matrix) startCluster(t *testing.T, be *backend, cfg gatewayConfig) *cluster {
+	t.Helper()
 	c := &cluster{
-		a:     startGateway(t, m.bin, "A", m.row.caddyfile, be.hostPort()),
-		b:     startGateway(t, m.bin, "B", m.row.caddyfile, be.hostPort()),
+		a:     startGateway(t, m.bin, "A", cfg),
+		b:     startGateway(t, m.bin, "B", cfg),
 		be:    be,
 		kayle: newKayle(t),
 	}
@@ -182,14 +188,7 @@ func (m matrix) killedHolder(t *testing.T) {
 	// A holds the event long enough to have shown it is alive (its first
 	// lease is written after 1 s), then dies
 	time.Sleep(2 * time.Second)
-	if err := c.a.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-c.a.Exited:
-	case <-time.After(10 * time.Second):
-		t.Fatal("A did not die within 10 s of SIGKILL")
-	}
+	c.a.kill(t)
 
 	sent := time.Now()
 	a := send(c.kayle, delivery(t, c.b.url, ev))
@@ -421,11 +420,15 @@ func (m matrix) stoppedStorage(t *testing.T) {
 }
 
 // recordKey is where kayle_webhook keeps an event's record under the
-// default prefix: <prefix>/<hh>/<sha256 of the id>.
-func recordKey(eventID string) (key, hash string) {
+// default prefix.
+func recordKey(eventID string) (key, hash string) { return recordKeyIn(defaultPrefix, eventID) }
+
+// recordKeyIn is where kayle_webhook keeps an event's record under prefix:
+// <prefix>/<hh>/<sha256 of the id>.
+func recordKeyIn(prefix, eventID string) (key, hash string) {
 	sum := sha256.Sum256([]byte(eventID))
 	hash = hex.EncodeToString(sum[:])
-	return path.Join(defaultPrefix, hash[:2], hash), hash
+	return path.Join(prefix, hash[:2], hash), hash
 }
 
 // openStorage opens the row's storage module in the test process, with the
