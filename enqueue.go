@@ -47,13 +47,10 @@ func (q *queueRunner) enqueue(r *http.Request, res result, in verified) result {
 		ReceivedAt: now,
 	}
 	tryNow := q.takeSlotNow()
-	// A marker due now would send every other instance's poll to wait for
-	// this instance's first try; it becomes due only once a holder that died
-	// in it would be found silent.
+	// Due now even with a first try: other instances' polls see its live
+	// lease and pass (a read each), and one that watches it go silent takes
+	// the event over, a stale time after this instance died.
 	item.NextTry = now
-	if tryNow {
-		item.NextTry = now.Add(d.timing.staleAfter)
-	}
 	item.Marker = q.dueMarkerKey(eventHash, item.NextTry, now, now)
 	held.lease = record{EventSHA256: eventHash, Queue: item}
 

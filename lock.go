@@ -156,10 +156,17 @@ func (d *deduper) acquire(ctx context.Context, name, leaseKey, what string) (*he
 // acquireUntil is acquire, whose wait ends at once on a record for which
 // ends holds (acquire's: a fresh delivered record).
 func (d *deduper) acquireUntil(ctx context.Context, name, leaseKey, what string, ends func(*record) bool) (*heldLock, *record, error) {
+	return d.acquireWatched(ctx, name, leaseKey, what, ends, nil, d.now())
+}
+
+// acquireWatched is acquireUntil by a caller that has already watched the
+// lease watched stay unchanged since quietSince, on this instance's clock:
+// that silence counts, so a holder silent for staleAfter is taken over
+// without a second watch of its own.
+func (d *deduper) acquireWatched(ctx context.Context, name, leaseKey, what string, ends func(*record) bool, watched *record, quietSince time.Time) (*heldLock, *record, error) {
 	event := d.startLock(name)
 	var takeover *lockAttempt // for the lease in `seen`
-	var seen *record          // the lease found at the previous read
-	quietSince := d.now()
+	seen := watched           // the lease found at the previous read
 	// the first look comes soon: a copy of an event delivered or queued
 	// while another copy holds the lock is answered without waiting a poll
 	poll := time.NewTimer(min(d.timing.pollEvery, firstLookAfter))

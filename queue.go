@@ -114,7 +114,9 @@ type queueRunner struct {
 	paused  bool
 	cursor  int64 // the oldest due bucket that may hold a marker
 	// quiet: when each past bucket was last found empty (the poll loop's)
-	quiet   map[int64]time.Time
+	quiet map[int64]time.Time
+	// leases: other holders' leases met by polls, by event hash
+	leases  map[string]leaseSighting
 	started bool // the cursor was set by a first scan
 
 	wake   chan struct{}
@@ -140,6 +142,7 @@ func (h *Handler) provisionQueue(ctx caddy.Context) error {
 		statsEvery: queueStatsEvery,
 		wake:       make(chan struct{}, 1),
 		quiet:      make(map[int64]time.Time),
+		leases:     make(map[string]leaseSighting),
 		done:       make(chan struct{}),
 	}
 	if q.horizon == 0 {

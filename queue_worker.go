@@ -250,16 +250,28 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		q.logger.Warn("reading a queued event's record", zap.String("event_hash", m.eventHash), zap.Error(err))
 		return
 	}
+	var watched *record
+	quietSince := d.now()
 	switch {
+	case rec == nil && d.now().Sub(m.received) < orphanAfter:
+		return // an enqueue still writing its record (or one that failed: see orphaned)
 	case rec != nil && !rec.isQueued():
+		q.forgetSighting(m.eventHash)
 		q.deleteMarker(ctx, m.key) // delivered: a marker left behind
 		return
-	case isLiveLease(rec) && d.now().Sub(rec.HeartbeatAt) < d.timing.staleAfter:
-		return // another holder is at it, by its own clock; if it died, its lease goes silent
+	case isLiveLease(rec):
+		// another holder is at it; once this instance has seen its lease
+		// unchanged for the stale time (polls count), it takes it over
+		quietSince = q.sighting(m.eventHash, rec)
+		if d.now().Sub(quietSince) < d.timing.staleAfter {
+			return
+		}
+		watched = rec
 	}
+	q.forgetSighting(m.eventHash)
 	// long enough to find a dead holder silent and take over
 	waitCtx, cancel := context.WithTimeout(ctx, d.timing.staleAfter+5*d.timing.pollEvery)
-	held, rec, err := d.acquire(waitCtx, lockName, recordKey, "queued event "+m.eventHash[:16])
+	held, rec, err := d.acquireWatched(waitCtx, lockName, recordKey, "queued event "+m.eventHash[:16], d.isDelivered, watched, quietSince)
 	cancel()
 	if errors.Is(err, errLockBusy) {
 		return
@@ -276,6 +288,13 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		// delivered, never written (an enqueue that failed), or moved: the
 		// marker stands for nothing
 		q.deleteMarker(ctx, m.key)
+		if held != nil && held.tookOver && rec.isQueued() {
+			// a move its dead holder left half done: let go of the event
+			// in its record, so the claim through its own marker need not
+			// watch the dead lease again
+			held.lease = *rec
+			_ = held.writeMark(ctx, true)
+		}
 		return
 	}
 	q.mu.Lock()
@@ -303,6 +322,32 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		return
 	}
 	q.forwardJob(ctx, j)
+}
+
+// leaseSighting is when this instance first saw a holder's lease as it is.
+type leaseSighting struct {
+	holder    string
+	heartbeat time.Time
+	since     time.Time
+}
+
+// sighting returns since when this instance has seen the lease in rec
+// unchanged, starting the count when it changed.
+func (q *queueRunner) sighting(eventHash string, rec *record) time.Time {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	s, ok := q.leases[eventHash]
+	if !ok || s.holder != rec.Holder || !s.heartbeat.Equal(rec.HeartbeatAt) {
+		s = leaseSighting{holder: rec.Holder, heartbeat: rec.HeartbeatAt, since: q.h.now()}
+		q.leases[eventHash] = s
+	}
+	return s.since
+}
+
+func (q *queueRunner) forgetSighting(eventHash string) {
+	q.mu.Lock()
+	delete(q.leases, eventHash)
+	q.mu.Unlock()
 }
 
 // orphanAfter is how old a marker whose event has no record must be before
@@ -597,6 +642,11 @@ func (q *queueRunner) scan() {
 	q.mu.Lock()
 	if !q.started || first < q.cursor {
 		q.cursor = first
+	}
+	for hash, s := range q.leases {
+		if now.Sub(s.since) > time.Hour {
+			delete(q.leases, hash) // its event was delivered meanwhile
+		}
 	}
 	q.started = true
 	q.mu.Unlock()

@@ -831,7 +831,7 @@ func TestQueueKilledMidForwardIsTakenOver(t *testing.T) {
 	b := startReady(t, bin, "A restarted", gw)
 	// the lease goes silent for 10 s, seen by the new instance's clock from
 	// its first look at it; then a poll and a takeover
-	took := waitUntil(t, 45*time.Second, "the event forwarded again after the kill", func() bool { return be.count(ev.id) >= 2 })
+	took := waitUntil(t, 30*time.Second, "the event forwarded again after the kill", func() bool { return be.count(ev.id) >= 2 })
 	t.Logf("the event was forwarded again %s after the kill", took.Round(100*time.Millisecond))
 	waitDrained(t, storage, []event{ev}, 15*time.Second)
 	t.Logf("recorded as delivered %s after the kill", time.Since(killed).Round(100*time.Millisecond))

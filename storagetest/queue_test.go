@@ -30,19 +30,14 @@ const (
 	// that long is taken for dead.
 	leaseSilence = 10 * time.Second
 	// queueTakeoverBound: an event whose holder was killed mid-forward is
-	// forwarded by the other instance within two silences, a few polls and
-	// room for a loaded CI machine. Two, not one: a poll passes over an
-	// event whose lease is younger than the silence by the holder's clock
-	// (claim, queue_worker.go), and the lock's wait then watches the lease
-	// for a silence on its own clock (acquireUntil, lock.go). Measured:
-	// 20 s on every row.
-	queueTakeoverBound = 2*leaseSilence + 3*queuePoll + 10*time.Second
+	// forwarded by the other instance within one silence (watched by its
+	// polls, on its own clock), a few polls and room for a loaded CI machine.
+	queueTakeoverBound = leaseSilence + 3*queuePoll + 10*time.Second
 	// queueRecoveryBound is promise 3's: every queued event reaches the
 	// backend within a minute of it answering again, holders killed on the
-	// way included. A kill between a retry's new marker and its record
-	// costs a third silence: the takeover through the new marker finds the
-	// record naming the old one and lets go without a mark, and the one
-	// through the old marker watches the same lease anew. Measured: 31 s.
+	// way included (a kill inside a retry's move of its marker: the takeover
+	// through the marker the record does not name lets go with a mark, so
+	// the claim through the other one does not watch the lease again).
 	queueRecoveryBound = time.Minute
 	// queueDrainBound: once the backend accepted an event, its record is
 	// delivered and its marker gone within this.
