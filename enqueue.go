@@ -66,7 +66,10 @@ func (q *queueRunner) enqueue(r *http.Request, res result, in verified) result {
 		}
 		held.release()
 		releaseClaim()
-		q.deleteMarker(r.Context(), item.Marker)
+		// The marker stays: a record write reported failed may have been
+		// made all the same (a timeout), and Kayle's copy would then be a
+		// duplicate of an event no poll finds. A marker with no record is
+		// deleted by a poll an hour on (orphaned).
 		res.outcome, res.err = outcomeStorageUnavailable, fmt.Errorf("queueing event %s: %w", ev.ID, err)
 		res.status, res.reason = http.StatusServiceUnavailable, string(outcomeStorageUnavailable)
 		return res
