@@ -163,8 +163,8 @@ func (q *queueStore) deleteMarker(ctx context.Context, key string) {
 
 // moveMarker writes item's new marker and, through held, its record
 // (released: the next holder need not wait for its silence), then deletes
-// the old marker. When the record's write fails the event keeps its old
-// marker, and the error is returned.
+// the old marker. When the record's write fails both markers stay, and the
+// error is returned.
 func (q *queueStore) moveMarker(ctx context.Context, held *heldLock, item *queueItem, old string) error {
 	fresh := item.Marker
 	if fresh != old {
@@ -174,11 +174,11 @@ func (q *queueStore) moveMarker(ctx context.Context, held *heldLock, item *queue
 		}
 	}
 	if err := held.writeMark(ctx, true); err != nil {
+		// Both markers stay: the write may have been made all the same (a
+		// timeout), and whichever marker the record does not name is found
+		// stale and deleted by the poll that meets it.
 		q.logger.Warn("updating a queued event's record; it is tried again as it was", zap.String("event_id", item.EventID), zap.Error(err))
-		if item.Marker != old {
-			q.deleteMarker(ctx, item.Marker)
-			item.Marker = old
-		}
+		item.Marker = old
 		return err
 	}
 	if item.Marker != old {
