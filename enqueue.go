@@ -1,6 +1,7 @@
 package kaylewebhook
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"net/http"
 
@@ -76,6 +77,10 @@ func (q *queueRunner) enqueue(r *http.Request, res result, in verified) result {
 	}
 	res.outcome = outcomeQueued
 	if !tryNow {
+		if q.onlyBusy() {
+			q.keepReady(eventHash, readyEvent{plaintext: in.plaintext, event: ev,
+				sigTimestamp: r.Header.Get(kayle.HeaderSignatureTimestamp), jweSum: sha256.Sum256(in.jwe), at: now})
+		}
 		held.release()
 		releaseClaim()
 		q.kick()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -180,5 +181,38 @@ func TestQueueStorageFailureIs503AndNothingQueued(t *testing.T) {
 		if strings.Contains(key, "/queue/") {
 			t.Errorf("left in storage after a failed enqueue: %s", key)
 		}
+	}
+}
+
+func TestQueueBurstIsNotDecryptedTwice(t *testing.T) {
+	backend := &testBackend{Respond: func(_ int, w http.ResponseWriter, _ *http.Request) error {
+		time.Sleep(30 * time.Millisecond)
+		_, err := w.Write([]byte("ok"))
+		return err
+	}}
+	qt := newQueueTest(t, backend, func(h *Handler) { h.Queue.Concurrency = 1 })
+	before := decryptions(t)
+	const events = 6
+	for i := range events {
+		// faster than the one slot forwards: most wait for a poll
+		if res := qt.deliver(t, fmt.Sprintf("evt_burst%d", i)); res.Status != http.StatusAccepted {
+			t.Fatalf("%d", res.Status)
+		}
+	}
+	eventually(t, "every event delivered", func() bool {
+		for i := range events {
+			if !remembered(qt.h.dedupe, fmt.Sprintf("evt_burst%d", i)) {
+				return false
+			}
+		}
+		return true
+	})
+	if backend.Calls() != events {
+		t.Errorf("%d forwards for %d events", backend.Calls(), events)
+	}
+	// one RSA decryption per event, at its arrival: those that waited for
+	// the slot were not opened again out of the storage
+	if n := decryptions(t) - before; n != events {
+		t.Errorf("%d decryptions for %d events", n, events)
 	}
 }

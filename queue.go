@@ -116,8 +116,11 @@ type queueRunner struct {
 	// quiet: when each past bucket was last found empty (the poll loop's)
 	quiet map[int64]time.Time
 	// leases: other holders' leases met by polls, by event hash
-	leases  map[string]leaseSighting
-	started bool // the cursor was set by a first scan
+	leases map[string]leaseSighting
+	// ready: opened deliveries waiting for a slot (queue_ready.go)
+	ready      map[string]readyEvent
+	readyBytes int
+	started    bool // the cursor was set by a first scan
 
 	wake   chan struct{}
 	ctx    context.Context
@@ -143,6 +146,7 @@ func (h *Handler) provisionQueue(ctx caddy.Context) error {
 		wake:       make(chan struct{}, 1),
 		quiet:      make(map[int64]time.Time),
 		leases:     make(map[string]leaseSighting),
+		ready:      make(map[string]readyEvent),
 		done:       make(chan struct{}),
 	}
 	if q.horizon == 0 {

@@ -317,7 +317,9 @@ func (q *queueRunner) claim(j *queueJob, m queueMarker, recordKey, lockName stri
 		return
 	}
 	held.heartbeat(d.timing.beatEvery)
-	if why, tampered := q.open(j); why != "" {
+	if q.takeReady(j) {
+		// opened when it arrived here: no second decryption
+	} else if why, tampered := q.open(j); why != "" {
 		q.cannotOpen(ctx, j, why, tampered)
 		return
 	}
@@ -650,6 +652,7 @@ func (q *queueRunner) scan() {
 	}
 	q.started = true
 	q.mu.Unlock()
+	q.dropStaleReady(now)
 	setQueueStats(q.d.prefix, depth, now.Sub(oldest), len(dead))
 }
 
