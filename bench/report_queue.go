@@ -186,7 +186,7 @@ func (r *report) scaleSection() string {
 		if s.gaugeDepth >= 0 {
 			depth = thousands(int(s.gaugeDepth))
 		}
-		fmt.Fprintf(&b, "\n- **Idle, backend down**, %s queued: Caddy %.2f %% of a core over %s%s. The queue tried %d forwards in the window (its probes, each failing); its `queue_depth` gauge (counted every minute) read %s; Caddy's VmRSS %s.\n",
+		fmt.Fprintf(&b, "\n- **Idle, backend down**, %s queued: Caddy %.2f %% of a core over %s%s. Forwards the queue tried in the window (its probes, each failing): %d; its `queue_depth` gauge (counted every minute) read %s; Caddy's VmRSS %s.\n",
 			thousands(s.idleDepth), 100*s.idleCPU, s.idleWindow, redis, s.idleTries, depth, mib(s.idleRSS))
 		fmt.Fprintf(&b, "- **Drain**: %s events; the first reached the backend %s after it came up (the backoff's probe), the last %s after the first: **%.0f events/s** (%.0f/s counting from the backend's start, %s in all). Every one arrived: %s.\n",
 			thousands(s.drained), s.probeWait.Round(time.Millisecond), s.drainSpan.Round(time.Millisecond), s.drainRate(),
