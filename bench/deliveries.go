@@ -49,6 +49,9 @@ func generateKey(dir string, bits int) (keyPair, error) {
 type delivery struct {
 	body      []byte
 	signature string
+	// seq is the event's number in this run (the end of its event id), by
+	// which the backend's receipts are matched to it; 0 for forged ones.
+	seq int64
 }
 
 // eventSeq makes every event id of the run unique, across rows and rounds,
@@ -57,9 +60,9 @@ var eventSeq atomic.Int64
 
 // payload is a verification.session.succeeded event of about size bytes: the
 // claims of a real one plus a base64 "portrait" filling the rest, as Kayle's
-// face-image claims do.
-func payload(size int) []byte {
-	id := eventSeq.Add(1)
+// face-image claims do. id is its number in this run, the end of its event id.
+func payload(size int) (out []byte, id int64) {
+	id = eventSeq.Add(1)
 	ev := map[string]any{
 		"type": "verification.session.succeeded",
 		"metadata": map[string]any{
@@ -81,8 +84,8 @@ func payload(size int) []byte {
 		_, _ = rand.Read(raw)
 		ev["data"].(map[string]any)["claims"].(map[string]any)["portrait"] = base64.StdEncoding.EncodeToString(raw)
 	}
-	out, _ := json.Marshal(ev)
-	return out
+	out, _ = json.Marshal(ev)
+	return out, id
 }
 
 // genuine makes n deliveries of one payload size encrypted to k, each with
@@ -94,7 +97,8 @@ func genuine(k keyPair, size, n int) ([]delivery, error) {
 	}
 	out := make([]delivery, n)
 	for i := range out {
-		obj, err := enc.Encrypt(payload(size))
+		plain, seq := payload(size)
+		obj, err := enc.Encrypt(plain)
 		if err != nil {
 			return nil, err
 		}
@@ -103,7 +107,7 @@ func genuine(k keyPair, size, n int) ([]delivery, error) {
 			return nil, err
 		}
 		body := []byte(compact)
-		out[i] = delivery{body: body, signature: sign(body, time.Now())}
+		out[i] = delivery{body: body, signature: sign(body, time.Now()), seq: seq}
 	}
 	return out, nil
 }
@@ -119,7 +123,7 @@ func forged(k keyPair, n int) ([]delivery, error) {
 	mac := hmac.New(sha256.New, []byte("whsec_not_the_secret_at_all_0000"))
 	mac.Write([]byte(ts + "."))
 	mac.Write(one[0].body)
-	d := delivery{body: one[0].body, signature: "t=" + ts + ",v1=" + hex.EncodeToString(mac.Sum(nil))}
+	d := delivery{body: one[0].body, signature: "t=" + ts + ",v1=" + hex.EncodeToString(mac.Sum(nil))} // no seq: never forwarded
 	out := make([]delivery, n)
 	for i := range out {
 		out[i] = d

@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -98,11 +99,37 @@ func validSignature(header string, body, secret []byte) bool {
 	return false
 }
 
+// backendTakePath is where the backend hands the harness its receipts.
+const backendTakePath = "/_bench/take"
+
 // serveBackend is the trivial backend behind reverse_proxy: it reads the
-// plaintext and answers 204.
+// plaintext and answers 204. It notes each event it receives (the
+// gateway's X-Kayle-Event-Id) and when, and GET backendTakePath hands the
+// notes over ("<event id> <unix ns>" lines) and forgets them: the harness
+// checks that every event arrived once, and how long after it was sent.
 func serveBackend(addr string) error {
+	var mu sync.Mutex
+	var notes []byte
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == backendTakePath {
+			mu.Lock()
+			out := notes
+			notes = make([]byte, 0, max(4096, len(out)))
+			mu.Unlock()
+			w.Header().Set("Content-Type", "text/plain")
+			_, _ = w.Write(out)
+			return
+		}
 		_, _ = io.Copy(io.Discard, r.Body)
+		at := time.Now().UnixNano()
+		if id := r.Header.Get("X-Kayle-Event-Id"); id != "" {
+			mu.Lock()
+			notes = append(notes, id...)
+			notes = append(notes, ' ')
+			notes = strconv.AppendInt(notes, at, 10)
+			notes = append(notes, '\n')
+			mu.Unlock()
+		}
 		w.WriteHeader(http.StatusNoContent)
 	})
 	return (&http.Server{Addr: addr, Handler: handler, ReadHeaderTimeout: 10 * time.Second}).ListenAndServe()

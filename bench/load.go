@@ -13,8 +13,31 @@ import (
 // result is what one load run saw.
 type result struct {
 	ok, non2xx, errors int
+	start              time.Time // of the measured part, after the warm-up
 	elapsed            time.Duration
 	latencies          []time.Duration
+	// sent is every genuine delivery sent, warm-up included, for the
+	// ledger to match with the backend's receipts.
+	sent []sent
+}
+
+// sent is one genuine delivery as the load generator saw it.
+type sent struct {
+	seq    int64     // the event's number (delivery.seq)
+	at     time.Time // when it was sent; in the open loop, when it was due
+	status int       // its answer; 0: the request failed
+	warm   bool      // a warm-up request, outside the measured window
+}
+
+// note records a genuine delivery's send for the ledger.
+func (r *result) note(d delivery, at time.Time, status int, err error, warm bool) {
+	if d.seq == 0 {
+		return
+	}
+	if err != nil {
+		status = 0
+	}
+	r.sent = append(r.sent, sent{seq: d.seq, at: at, status: status, warm: warm})
 }
 
 // count records one answer: a latency only for the wanted ones.
@@ -36,6 +59,7 @@ func (r *result) add(w result) {
 	r.non2xx += w.non2xx
 	r.errors += w.errors
 	r.latencies = append(r.latencies, w.latencies...)
+	r.sent = append(r.sent, w.sent...)
 }
 
 func (r result) rate() float64 {
@@ -91,8 +115,16 @@ func closedLoop(url string, ds []delivery, warm, conc int, maxDur time.Duration,
 	client := newClient(conc)
 	defer client.CloseIdleConnections()
 	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var res result
 	for i := range min(warm, len(ds)) {
-		wg.Go(func() { _, _ = post(client, url, ds[i]) })
+		wg.Go(func() {
+			t0 := time.Now()
+			status, err := post(client, url, ds[i])
+			mu.Lock()
+			res.note(ds[i], t0, status, err, true)
+			mu.Unlock()
+		})
 		if (i+1)%conc == 0 {
 			wg.Wait()
 		}
@@ -101,9 +133,8 @@ func closedLoop(url string, ds []delivery, warm, conc int, maxDur time.Duration,
 	ds = ds[min(warm, len(ds)):]
 
 	var next atomic.Int64
-	var mu sync.Mutex
-	var res result
 	start := time.Now()
+	res.start = start
 	deadline := start.Add(maxDur)
 	for range conc {
 		wg.Go(func() {
@@ -116,6 +147,7 @@ func closedLoop(url string, ds []delivery, warm, conc int, maxDur time.Duration,
 				t0 := time.Now()
 				status, err := post(client, url, ds[i])
 				local.count(status, err, wantStatus, time.Since(t0))
+				local.note(ds[i], t0, status, err, false)
 			}
 			mu.Lock()
 			res.add(local)
@@ -142,16 +174,23 @@ func openLoop(url string, ds []delivery, rate float64, dur time.Duration) result
 	// with the handshakes
 	const warm = 16
 	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var res result
 	for i := range min(warm, len(ds)) {
-		wg.Go(func() { _, _ = post(client, url, ds[i]) })
+		wg.Go(func() {
+			t0 := time.Now()
+			status, err := post(client, url, ds[i])
+			mu.Lock()
+			res.note(ds[i], t0, status, err, true)
+			mu.Unlock()
+		})
 	}
 	wg.Wait()
 	ds = ds[min(warm, len(ds)):]
 	n := min(len(ds), int(dur/interval))
-	var mu sync.Mutex
-	var res result
 	slots := make(chan struct{}, maxInFlight)
 	start := time.Now()
+	res.start = start
 	for i := range n {
 		due := start.Add(time.Duration(i) * interval)
 		time.Sleep(time.Until(due))
@@ -162,6 +201,7 @@ func openLoop(url string, ds []delivery, rate float64, dur time.Duration) result
 			lat := time.Since(due)
 			mu.Lock()
 			defer mu.Unlock()
+			res.note(ds[i], due, status, err, false)
 			switch {
 			case err != nil:
 				res.errors++

@@ -26,6 +26,26 @@ type report struct {
 	rss        rssResult
 	floodConc  int          // connections of the flood beside genuine deliveries
 	floodProbe []floodProbe // how fast the flood alone went, if probed
+	ledger     *ledger      // what the backends received
+	reopened   map[groupKey]int
+	loadBefore string // /proc/loadavg when the rows began
+	delivered  map[groupKey]deliveryStats
+	scale      []scaleResult // the queue at scale, if it ran
+}
+
+// delivery is what became of a row's events in one round (from the
+// ledger, once every receipt is in).
+func (r *report) delivery(name string, round int) deliveryStats {
+	if r.delivered == nil {
+		r.delivered = map[groupKey]deliveryStats{}
+	}
+	k := groupKey{name, round}
+	d, ok := r.delivered[k]
+	if !ok && r.ledger != nil {
+		d = r.ledger.stats(k)
+		r.delivered[k] = d
+	}
+	return d
 }
 
 // floodProbe is one connection count's rate in fastestFlood.
@@ -51,6 +71,9 @@ type target struct {
 	num, den string
 	min, max float64 // one of them set
 	latency  bool    // p99 ratio instead of throughput ratio
+	// delivered: events that reached the backend a second (the ledger's
+	// deliveredRate) instead of answers; e2e: the p99 of send → receipt
+	delivered, e2e bool
 }
 
 var targets = []target{
@@ -66,6 +89,14 @@ var targets = []target{
 	{what: "p99 at half the floor's rate, gateway (tmpfs) / floor", num: p99Tmpfs, den: p99Floor, max: 2.0, latency: true},
 	{what: "p99 at half the floor's rate, gateway (dedupe off) / floor (reported: the proxy's share)", num: p99Off, den: p99Floor, latency: true},
 	{what: "forged flood, kayle_webhook 400s / respond 400", num: forgedGateway, den: forgedRespond, min: 0.80},
+	{what: "queue mode, tmpfs: events delivered/s / sync mode (dedupe tmpfs), closed loop", num: queueTmpfs2048, den: tmpfs2048, min: 0.80, delivered: true},
+	{what: "queue mode, disk: events delivered/s / sync mode (dedupe disk), closed loop", num: queueDisk2048, den: disk2048, min: 0.80, delivered: true},
+	{what: "queue mode, tmpfs: 202 answers/s / sync mode's answers/s (reported)", num: queueTmpfs2048, den: tmpfs2048},
+	{what: "queue mode, disk: 202 answers/s / sync mode's answers/s (reported)", num: queueDisk2048, den: disk2048},
+	{what: "queue mode, tmpfs: end-to-end p99 (send → backend) at half the sync rate / sync mode's (reported)", num: e2eQueueTmpfs, den: e2eSyncTmpfs, e2e: true},
+	{what: "queue mode, disk: end-to-end p99 (send → backend) at half the sync rate / sync mode's (reported)", num: e2eQueueDisk, den: e2eSyncDisk, e2e: true},
+	{what: "queue mode, tmpfs: answer (202) p99 at half the sync rate / sync mode's answer p99 (reported)", num: e2eQueueTmpfs, den: e2eSyncTmpfs, latency: true},
+	{what: "queue mode, disk: answer (202) p99 at half the sync rate / sync mode's answer p99 (reported)", num: e2eQueueDisk, den: e2eSyncDisk, latency: true},
 }
 
 func (r *report) ratios(t target) []float64 {
@@ -73,8 +104,13 @@ func (r *report) ratios(t target) []float64 {
 	var out []float64
 	for i := range min(len(nums), len(dens)) {
 		n, d := nums[i].rate(), dens[i].rate()
-		if t.latency {
+		switch {
+		case t.latency:
 			n, d = float64(nums[i].percentile(0.99)), float64(dens[i].percentile(0.99))
+		case t.delivered:
+			n, d = r.delivery(t.num, i).deliveredRate(), r.delivery(t.den, i).deliveredRate()
+		case t.e2e:
+			n, d = float64(percentileOf(r.delivery(t.num, i).e2e, 0.99)), float64(percentileOf(r.delivery(t.den, i).e2e, 0.99))
 		}
 		if d > 0 {
 			out = append(out, n/d)
@@ -112,6 +148,9 @@ func (r *report) write(file string) (int, error) {
 	fmt.Fprintf(&b, "# Benchmarks\n\nWritten by `%s` on %s (%s).\n\n", r.command, r.started.UTC().Format("2006-01-02 15:04 MST"), time.Since(r.started).Round(time.Second))
 	fmt.Fprintf(&b, "Machine: %d CPUs (`nproc`), %s, %s, %s; dedupe \"disk\" folder on %s, \"tmpfs\" in /dev/shm. %s.\n",
 		runtime.NumCPU(), cpuModel(), runtime.GOOS+"/"+runtime.GOARCH, goVersion(), r.diskFS, r.nodeInfo)
+	if r.loadBefore != "" {
+		fmt.Fprintf(&b, "Load average (1, 5, 15 min) when the rows began: %s; when the report was written: %s.\n", r.loadBefore, loadAverage())
+	}
 	fmt.Fprintf(&b, "Load: loopback, the load generator on the same CPUs, c=%d, unique genuine deliveries (600 B payload unless said), "+
 		"%d interleaved rounds of at most %s and %d requests (%d for 200 KB) per row. "+
 		"A ratio is taken within each round; the verdict is on the median, min–max beside it.\n\n",
@@ -155,6 +194,14 @@ func (r *report) write(file string) (int, error) {
 		}
 	}
 	fmt.Fprintf(&b, "| non-2xx or failed genuine deliveries | %s | | none | %s |\n", strings.Join(orNone(bad), ", "), verdict(len(bad) == 0 && r.rss.non2xx == 0))
+	b.WriteString(r.onceLine(verdict))
+	scaleBlock := r.scaleSection()
+	if scaleBlock != "" {
+		b.WriteString(r.scaleLines(verdict))
+	} else if kept := keptScale(file); kept != "" {
+		fmt.Fprintf(&b, "| the queue at scale (issue 15): not run this time (`-queue-scale`); its section below is kept from %s | | | | |\n", keptScaleDate(kept))
+		scaleBlock = kept
+	}
 
 	b.WriteString("\n## Throughput per round (requests/s; p99)\n\n| row |")
 	for i := range r.opts.rounds {
@@ -174,6 +221,7 @@ func (r *report) write(file string) (int, error) {
 	}
 
 	b.WriteString(r.floodSection())
+	b.WriteString(r.queueSection())
 
 	off, tmpfs, disk := r.sequential[off2048], r.sequential[tmpfs2048], r.sequential[disk2048]
 	b.WriteString("\n## Storage cost per new event\n\n")
@@ -193,6 +241,9 @@ func (r *report) write(file string) (int, error) {
 		fmt.Fprintf(&b, " Wave %d: peak %s, VmRSS after %s, Go heap %s.", i+1, mib(r.rss.hwm[i]), mib(r.rss.rss[i]), mib(r.rss.live[i]))
 	}
 	fmt.Fprintf(&b, " 2 s later: Go heap %s.\n", mib(r.rss.settled))
+	if scaleBlock != "" {
+		b.WriteString("\n" + scaleBlock)
+	}
 	// the hand-written sections below the marker (go test -bench figures,
 	// the profiles behind the code) are kept
 	if old, err := os.ReadFile(file); err == nil {
@@ -310,12 +361,31 @@ func (r *report) printRatios() {
 		}
 		logf("%-70s median %.2f (%.2f–%.2f) over %d rounds", t.what, median(rs), slices.Min(rs), slices.Max(rs), len(rs))
 	}
-	if line := r.floodLine(func(ok bool) string {
+	judge := func(ok bool) string {
 		if ok {
 			return "met"
 		}
 		return "**MISSED**"
-	}); line != "" {
+	}
+	if line := r.floodLine(judge); line != "" {
 		fmt.Print(line, r.floodSection())
 	}
+	fmt.Print(r.onceLine(judge), r.queueSection())
+	if scale := r.scaleSection(); scale != "" {
+		fmt.Print("\n", scale)
+	}
+}
+
+// loadAverage is /proc/loadavg's three averages: whether others shared the
+// machine.
+func loadAverage() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], ", ")
 }

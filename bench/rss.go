@@ -29,7 +29,7 @@ type rssResult struct {
 func measureRSS(binary, work string, waves int, newConfig func(gatewayPorts) string, k keyPair, pprofDir string) (rssResult, error) {
 	const conc, size = 64, 1 << 20
 	var out rssResult
-	g, err := newGatewayPorts()
+	g, err := newGatewayPorts(false)
 	if err != nil {
 		return out, err
 	}

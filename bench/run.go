@@ -18,6 +18,7 @@ type row struct {
 	key    keyPair
 	size   int  // payload bytes
 	forged bool // bad signatures, expecting 400
+	queue  bool // a queue-mode site: answered 202, forwarded after
 	caddy  *proc
 	admin  int
 }
@@ -33,6 +34,14 @@ type setup struct {
 	gw, boring                      gatewayPorts
 	gwProc, boringProc              *proc
 	lastRate                        map[string]float64 // by row, the last round's
+	conc                            int                // the closed loop's, and the queue's concurrency
+	// ledger matches what the gateways answered with what the backends got
+	ledger *ledger
+	// the scale rows' Caddy (with the Redis storage module), if they run
+	storageBin string
+	// reopened: a queue row's events the queue read back from the storage
+	// and decrypted again, all slots being busy at its 202
+	reopened map[groupKey]int
 }
 
 func (s *setup) close(keep bool) {
@@ -59,7 +68,7 @@ func run(o options, command string) (missed int, err error) {
 	if err := checkRowSelection(o); err != nil {
 		return 0, err
 	}
-	s := &setup{lastRate: map[string]float64{}}
+	s := &setup{lastRate: map[string]float64{}, conc: o.conc, ledger: newLedger(), reopened: map[groupKey]int{}}
 	defer func() { s.close(o.keep) }()
 	if err := s.start(o); err != nil {
 		return 0, err
@@ -68,10 +77,11 @@ func run(o options, command string) (missed int, err error) {
 		_, err := measureRSS(s.caddyBin, s.work, o.rssWaves, s.config, s.k2048, o.pprofDir)
 		return 0, err
 	}
-	rep := &report{opts: o, command: command, started: time.Now(), nodeInfo: s.nodeInfo, diskFS: s.diskFS}
+	rep := &report{opts: o, command: command, started: time.Now(), nodeInfo: s.nodeInfo, diskFS: s.diskFS, ledger: s.ledger, reopened: s.reopened, loadBefore: loadAverage()}
 
 	rows := slices.DeleteFunc(s.rows(), func(rw row) bool { return !o.selected(rw.name) })
 	latency := slices.ContainsFunc(latencyRowNames, o.selected)
+	queueLatency := slices.ContainsFunc(queueLatencyRowNames, o.selected)
 	underLoad := o.selected(underFlood)
 	for r := range o.rounds {
 		// rotate the order each round so no row always runs first or last
@@ -89,11 +99,33 @@ func run(o options, command string) (missed int, err error) {
 				return 0, err
 			}
 		}
+		if queueLatency {
+			if err := s.queueLatencyRound(o, rep, r); err != nil {
+				return 0, err
+			}
+		}
 		if underLoad {
 			if err := s.floodRound(o, rep, r); err != nil {
 				return 0, err
 			}
 		}
+	}
+	if o.queueScale {
+		for _, st := range scaleStorages {
+			if !o.selected(scaleRowName(st)) {
+				continue
+			}
+			res, err := s.runScale(o, st)
+			if err != nil {
+				return 0, fmt.Errorf("%s: %v", scaleRowName(st), err)
+			}
+			rep.scale = append(rep.scale, res)
+		}
+	}
+	// late copies of any event still count against it
+	time.Sleep(time.Second)
+	if err := s.ledger.take(s.backend); err != nil {
+		return 0, err
 	}
 	if o.rows != nil {
 		rep.printRatios()
@@ -128,6 +160,11 @@ func (s *setup) start(o options) error {
 	}
 	if s.boringBin, err = buildCaddy(s.work, true); err != nil {
 		return err
+	}
+	if o.queueScale {
+		if s.storageBin, err = buildStorageCaddy(s.work); err != nil {
+			return err
+		}
 	}
 	if s.k2048, err = generateKey(s.work, 2048); err != nil {
 		return err
@@ -180,14 +217,14 @@ func (s *setup) start(o options) error {
 			return err
 		}
 	}
-	if s.gw, err = newGatewayPorts(); err != nil {
+	if s.gw, err = newGatewayPorts(true); err != nil {
 		return err
 	}
 	if s.gwProc, err = startCaddy("caddy", s.caddyBin, s.work, s.gw, s.config(s.gw)); err != nil {
 		return err
 	}
 	s.procs = append(s.procs, s.gwProc)
-	if s.boring, err = newGatewayPorts(); err != nil {
+	if s.boring, err = newGatewayPorts(false); err != nil {
 		return err
 	}
 	if s.boringProc, err = startCaddy("caddy-boring", s.boringBin, s.work, s.boring, s.config(s.boring)); err != nil {
@@ -202,7 +239,7 @@ func (s *setup) start(o options) error {
 func (s *setup) config(g gatewayPorts) string {
 	tmpfs := filepath.Join(s.tmpfsDir, strconv.Itoa(g.admin))
 	disk := filepath.Join(s.diskDir, strconv.Itoa(g.admin))
-	return caddyfile(g, []keyPair{s.k2048, s.k4096}, filepath.Join(s.work, "secret.txt"), s.backend, tmpfs, disk)
+	return caddyfile(g, []keyPair{s.k2048, s.k4096}, filepath.Join(s.work, "secret.txt"), s.backend, tmpfs, disk, s.conc)
 }
 
 // The names rows are reported under; targets refer to them.
@@ -220,7 +257,15 @@ const (
 	// genuine deliveries at a fixed rate beside a forged flood (issue 13),
 	// selected by the first name; the second is the flood's own row
 	underFlood, floodBeside = "genuine 50/s under forged flood", "forged flood beside genuine 50/s"
+	// queue mode (issue 15), closed loop like the dedupe rows
+	queueTmpfs2048, queueDisk2048 = "queue tmpfs RSA-2048", "queue disk RSA-2048"
+	// open loop at half the sync row's rate: the time from send to the
+	// backend, queue mode against sync mode on the same storage
+	e2eSyncTmpfs, e2eQueueTmpfs = "e2e dedupe tmpfs at half rate", "e2e queue tmpfs at half rate"
+	e2eSyncDisk, e2eQueueDisk   = "e2e dedupe disk at half rate", "e2e queue disk at half rate"
 )
+
+var queueLatencyRowNames = []string{e2eSyncTmpfs, e2eQueueTmpfs, e2eSyncDisk, e2eQueueDisk}
 
 var latencyRowNames = []string{p99Floor, p99Tmpfs, p99Off}
 
@@ -251,12 +296,26 @@ func checkRowSelection(o options) error {
 	for _, rw := range (&setup{}).rows() {
 		names = append(names, rw.name)
 	}
-	names = append(append(names, latencyRowNames...), underFlood)
+	names = append(append(append(names, latencyRowNames...), queueLatencyRowNames...), underFlood)
+	var scale []string
+	for _, st := range scaleStorages {
+		scale = append(scale, scaleRowName(st))
+	}
+	if o.queueScale {
+		names = append(names, scale...)
+	} else if slices.ContainsFunc(scale, o.selected) && !slices.ContainsFunc(names, o.selected) {
+		return fmt.Errorf("-rows %s selects the queue's scale rows only: they run with -queue-scale", o.rows)
+	}
 	if !slices.ContainsFunc(names, o.selected) {
 		return fmt.Errorf("no row matches -rows %s; the rows: %q", o.rows, names)
 	}
 	if slices.ContainsFunc(latencyRowNames, o.selected) && !o.selected(floor2048) {
 		return fmt.Errorf("-rows %s selects latency rows, which run at half the floor's rate: select %q too", o.rows, floor2048)
+	}
+	for i, sync := range []string{tmpfs2048, tmpfs2048, disk2048, disk2048} {
+		if o.selected(queueLatencyRowNames[i]) && !o.selected(sync) {
+			return fmt.Errorf("-rows %s selects %q, which runs at half the rate of %q: select it too", o.rows, queueLatencyRowNames[i], sync)
+		}
 	}
 	return nil
 }
@@ -268,6 +327,8 @@ func (s *setup) rows() []row {
 		{name: off2048, url: gw.url(gw.off), key: s.k2048, size: 600, caddy: s.gwProc, admin: gw.admin},
 		{name: tmpfs2048, url: gw.url(gw.tmpfs), key: s.k2048, size: 600, caddy: s.gwProc, admin: gw.admin},
 		{name: disk2048, url: gw.url(gw.disk), key: s.k2048, size: 600, caddy: s.gwProc, admin: gw.admin},
+		{name: queueTmpfs2048, url: gw.url(gw.qtmpfs), key: s.k2048, size: 600, queue: true, caddy: s.gwProc, admin: gw.admin},
+		{name: queueDisk2048, url: gw.url(gw.qdisk), key: s.k2048, size: 600, queue: true, caddy: s.gwProc, admin: gw.admin},
 		{name: floor4096, url: s.floorURL, key: s.k4096, size: 600},
 		{name: off4096, url: gw.url(gw.off), key: s.k4096, size: 600, caddy: s.gwProc, admin: gw.admin},
 		{name: tmpfs4096, url: gw.url(gw.tmpfs), key: s.k4096, size: 600, caddy: s.gwProc, admin: gw.admin},
@@ -302,15 +363,29 @@ func (s *setup) runRow(o options, rw row, round int) (result, error) {
 	if err != nil {
 		return result{}, err
 	}
-	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048 || rw.name == boring4096 || rw.name == forgedGateway)
+	profiled := o.pprofDir != "" && round == 0 && (rw.name == off2048 || rw.name == tmpfs2048 || rw.name == boring4096 || rw.name == forgedGateway || rw.queue)
 	done := make(chan error, 1)
 	if profiled {
 		file := filepath.Join(o.pprofDir, profileName(rw.name)+".cpu.pprof")
 		secs := max(1, int(o.duration.Seconds())-1)
 		go func() { done <- savePprof(rw.admin, "profile?seconds="+strconv.Itoa(secs), file) }()
 	}
+	var opened0 queueCounts
+	if rw.queue {
+		opened0 = readQueueCounts(rw.admin)
+	}
 	res := closedLoop(rw.url, ds, warm, o.conc, o.duration, want)
 	s.lastRate[rw.name] = res.rate()
+	if rw.caddy != nil && !rw.forged {
+		if err := s.file(rw.name, round, &res, rw.queue); err != nil {
+			return res, err
+		}
+	}
+	if rw.queue {
+		n := readQueueCounts(rw.admin).sub(opened0).reopened()
+		s.reopened[groupKey{rw.name, round}] = n
+		logf("round %d %-28s reopened %d (decrypted again, out of the storage)", round+1, rw.name, n)
+	}
 	if profiled {
 		if err := <-done; err != nil {
 			logf("cpu profile of %s: %v", rw.name, err)
@@ -354,6 +429,11 @@ func (s *setup) latencyRound(o options, rep *report, round int) error {
 			return err
 		}
 		res := openLoop(target.url, ds, rate, o.duration)
+		if target.name != p99Floor {
+			if err := s.file(target.name, round, &res, false); err != nil {
+				return err
+			}
+		}
 		rep.add(target.name, res)
 		logf("round %d %-28s %8.1f/s  p50 %-8s p99 %-8s non-2xx %d errors %d", round+1, target.name, res.rate(),
 			res.percentile(0.5).Round(10*time.Microsecond), res.percentile(0.99).Round(10*time.Microsecond), res.non2xx, res.errors)
@@ -408,6 +488,9 @@ func (s *setup) floodRound(o options, rep *report, round int) error {
 		if err := <-done; err != nil {
 			logf("cpu profile of %s: %v", underFlood, err)
 		}
+	}
+	if err := s.file(underFlood, round, &res, false); err != nil {
+		return err
 	}
 	rep.add(underFlood, res)
 	rep.add(floodBeside, fl)
