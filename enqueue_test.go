@@ -111,7 +111,7 @@ func TestQueueKeepsOnlyCiphertextAtRest(t *testing.T) {
 	if res := serve(qt.h, deliveryRequest(body, sig), &testBackend{}); res.Status != http.StatusAccepted {
 		t.Fatalf("got %d", res.Status)
 	}
-	eventually(t, "a try failed", func() bool { rec, _ := qt.record(t, "evt_rest"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, "evt_rest")
 	rec, _ := qt.record(t, "evt_rest")
 	if rec.Queue.JWE != string(body) || rec.Queue.Signature != sig {
 		t.Error("the record does not hold the delivery exactly as it arrived")

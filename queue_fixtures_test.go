@@ -105,6 +105,23 @@ func (qt *queueTest) deliver(t *testing.T, eventID string) served {
 	return serve(qt.h, makeDelivery(t, eventPayload(eventID), time.Now()), &testBackend{})
 }
 
+// deliverUntilTried delivers eventID and waits until its record counts a
+// try (with a failing backend: a first try that failed).
+func (qt *queueTest) deliverUntilTried(t *testing.T, eventID string) {
+	t.Helper()
+	qt.deliver(t, eventID)
+	qt.waitTried(t, eventID)
+}
+
+// waitTried waits until eventID's record counts a try.
+func (qt *queueTest) waitTried(t *testing.T, eventID string) {
+	t.Helper()
+	eventually(t, "a try of "+eventID, func() bool {
+		rec, _ := qt.record(t, eventID)
+		return rec.Queue != nil && rec.Queue.Attempts > 0
+	})
+}
+
 // record is eventID's record; ok is false when there is none.
 func (qt *queueTest) record(t *testing.T, eventID string) (record, bool) {
 	t.Helper()

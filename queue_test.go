@@ -145,7 +145,7 @@ func TestHandlerWithoutAQueueWarnsOfQueuedEvents(t *testing.T) {
 		t.Fatalf("warned of an empty queue: %v", logs.All())
 	}
 	qt.deliver(t, "evt_stranded")
-	eventually(t, "a try failed", func() bool { rec, _ := qt.record(t, "evt_stranded"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, "evt_stranded")
 	warnStrandedQueue(qt.h.dedupe, zap.New(core))
 	if logs.FilterMessageSnippet("no queue block").Len() != 1 {
 		t.Errorf("no warning of a queued event a handler without a queue would strand: %v", logs.All())

@@ -70,7 +70,7 @@ func TestQueueBacksOffAsAWholeAndRecovers(t *testing.T) {
 	id := func(i int) string { return "evt_bo" + string(rune('a'+i)) }
 	// the first event's first try finds the backend down
 	qt.deliver(t, id(0))
-	eventually(t, "the first try failed", func() bool { rec, _ := qt.record(t, id(0)); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, id(0))
 	for i := 1; i < events; i++ {
 		if res := qt.deliver(t, id(i)); res.Status != http.StatusAccepted {
 			t.Fatalf("delivery %d: %d", i, res.Status)
@@ -136,7 +136,7 @@ func TestQueueHonoursRetryAfter(t *testing.T) {
 	if res := qt.deliver(t, "evt_ra"); res.Status != http.StatusAccepted {
 		t.Fatalf("%d", res.Status)
 	}
-	eventually(t, "the first try failed", func() bool { rec, _ := qt.record(t, "evt_ra"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, "evt_ra")
 	backend.up.Store(true)
 	eventually(t, "the event is delivered", func() bool { return remembered(qt.h.dedupe, "evt_ra") })
 	times := backend.tryTimes()
@@ -215,7 +215,7 @@ func TestQueueSignsEachForwardAsItLeaves(t *testing.T) {
 		h.Queue.MaxBackoff = caddy.Duration(1100 * time.Millisecond)
 	})
 	qt.deliver(t, "evt_sig")
-	eventually(t, "the first try failed", func() bool { rec, _ := qt.record(t, "evt_sig"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, "evt_sig")
 	backend.up.Store(true)
 	eventually(t, "delivered", func() bool { return remembered(qt.h.dedupe, "evt_sig") })
 	if backend.Calls() != 2 {
@@ -243,11 +243,7 @@ func TestQueueNeverForwardsATamperedRecord(t *testing.T) {
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
-	first.deliver(t, "evt_victim")
-	eventually(t, "the first try failed", func() bool {
-		rec, _ := first.record(t, "evt_victim")
-		return rec.Queue != nil && rec.Queue.Attempts > 0
-	})
+	first.deliverUntilTried(t, "evt_victim")
 	_ = first.h.Cleanup() // its queue stops
 
 	// Someone with write access to the storage, without the signing secret,
@@ -300,7 +296,7 @@ func TestQueuedEventWhoseKeyIsGoneWaitsAndSaysSo(t *testing.T) {
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
 	first.deliver(t, "evt_nokey")
-	eventually(t, "the first try failed", func() bool { rec, _ := first.record(t, "evt_nokey"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	first.waitTried(t, "evt_nokey")
 	_ = first.h.Cleanup()
 	tries := backend.Calls()
 
@@ -354,11 +350,7 @@ func TestQueueTakesOverAnEventWhoseHolderDied(t *testing.T) {
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	root := t.TempDir()
 	first := newQueueTestAt(t, root, &backend.testBackend)
-	first.deliver(t, "evt_orphan")
-	eventually(t, "the first try failed", func() bool {
-		rec, _ := first.record(t, "evt_orphan")
-		return rec.Queue != nil && rec.Queue.Attempts > 0
-	})
+	first.deliverUntilTried(t, "evt_orphan")
 	_ = first.h.Cleanup()
 	// as an instance that died mid-forward leaves it: a live lease, never renewed
 	_, recordKey, _ := first.h.dedupe.eventKeys("evt_orphan")
@@ -388,7 +380,7 @@ func TestSweepKeepsQueuedEvents(t *testing.T) {
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	qt := newQueueTest(t, &backend.testBackend)
 	qt.deliver(t, "evt_old")
-	eventually(t, "a try failed", func() bool { rec, _ := qt.record(t, "evt_old"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, "evt_old")
 	_ = qt.h.Cleanup()
 	d := newDeduper(qt.h.dedupe.storage, qt.h.dedupe.prefix, defaultDedupeWindow, qt.h.logger, func() time.Time { return time.Now().Add(60 * 24 * time.Hour) })
 	d.timing = fastLockTiming
@@ -405,7 +397,7 @@ func TestForgetRefusesAQueuedEvent(t *testing.T) {
 	backend := newSwitchableBackend(http.StatusServiceUnavailable)
 	qt := newQueueTest(t, &backend.testBackend)
 	qt.deliver(t, "evt_forget")
-	eventually(t, "a try failed", func() bool { rec, _ := qt.record(t, "evt_forget"); return rec.Queue != nil && rec.Queue.Attempts > 0 })
+	qt.waitTried(t, "evt_forget")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := qt.h.dedupe.forget(ctx, "evt_forget"); err == nil || !strings.Contains(err.Error(), "queue drop") {
