@@ -81,7 +81,6 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 		return outcomeDuplicate, nil
 	}
 	defer held.release()
-	held.lease.EventSHA256 = hashHex(eventID)
 	if rec != nil || held.tookOver {
 		// an earlier holder's lease or failure mark, or a takeover: write
 		// this holder's lease at once, so that waiters see a change and do
@@ -140,10 +139,10 @@ func (d *deduper) deliverOnce(w http.ResponseWriter, r *http.Request, next caddy
 // same-instance copies never pay the storage lock's poll), then the storage
 // lock, and reads the event's record. On failure the outcome says what the
 // copy is answered (the claim is then released). held is nil when the wait
-// ended on a delivered record. releaseClaim must be called once, after
+// ended on a delivered or queued record. releaseClaim must be called once, after
 // held's release.
 func (d *deduper) lockEvent(ctx context.Context, eventID string) (held *heldLock, rec *record, releaseClaim func(), o outcome, err error) {
-	_, recordKey, lockName := d.eventKeys(eventID)
+	eventHash, recordKey, lockName := d.eventKeys(eventID)
 	releaseClaim, claimed := inProcessClaims.tryAcquire(recordKey)
 	if !claimed {
 		// Another copy is in hand here. A queued event's is its queue's
@@ -176,6 +175,9 @@ func (d *deduper) lockEvent(ctx context.Context, eventID string) (held *heldLock
 	if o != "" {
 		releaseClaim()
 		return nil, nil, nil, o, err
+	}
+	if held != nil {
+		held.lease.EventSHA256 = eventHash // every lease and record of the event carries it
 	}
 	return held, rec, releaseClaim, "", nil
 }

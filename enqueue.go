@@ -34,7 +34,7 @@ func (q *queueRunner) enqueue(r *http.Request, res result, in verified) result {
 	}
 
 	now := d.now().UTC()
-	eventHash := hashHex(ev.ID)
+	eventHash := held.lease.EventSHA256
 	item := &queueItem{
 		EventID:    ev.ID,
 		EventType:  ev.Type,

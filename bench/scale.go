@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 )
 
 // The queue at scale (issue 15, point 9): one storage's run, in a Caddy of
@@ -678,7 +679,7 @@ func startRedis(dir string) (string, *proc, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for {
-		if redisPing(ctx, addr) == nil {
+		if kayletest.RedisPing(ctx, addr) == nil {
 			return addr, p, nil
 		}
 		if ctx.Err() != nil || p.cmd.ProcessState != nil {
@@ -687,27 +688,6 @@ func startRedis(dir string) (string, *proc, error) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-func redisPing(ctx context.Context, addr string) error {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if strings.TrimSpace(line) != "+PONG" {
-		return errors.New("PING answered " + strings.TrimSpace(line))
-	}
-	return nil
 }
 
 func redisVersion() string {

@@ -1,16 +1,14 @@
 package servers
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"net"
 	"os"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
-	"time"
+
+	"github.com/caddy-kayle-webhook/caddy-kayle-webhook/internal/kayletest"
 )
 
 // Redis is a redis-server of a test's own.
@@ -43,33 +41,10 @@ func StartRedis(t testing.TB) *Redis {
 				"--daemonize", "no", "--logfile", "",
 			},
 			dir:   dir,
-			ready: func(ctx context.Context) error { return redisPing(ctx, addr) },
+			ready: func(ctx context.Context) error { return kayletest.RedisPing(ctx, addr) },
 			// as its service manager stops it; it saves and exits
 			stopSignal: syscall.SIGTERM,
 		}
 	})
 	return r
-}
-
-// redisPing succeeds once the server answers PING (not while it still
-// loads its data, when it answers -LOADING).
-func redisPing(ctx context.Context, addr string) error {
-	d := net.Dialer{Timeout: time.Second}
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if strings.TrimSpace(line) != "+PONG" {
-		return errors.New("PING answered " + strings.TrimSpace(line))
-	}
-	return nil
 }
